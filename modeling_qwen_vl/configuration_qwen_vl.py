@@ -1,0 +1,104 @@
+"""Qwen-VL configuration: reads the official `config.json` (`model_type: "qwen"`) unchanged."""
+
+from transformers import PreTrainedConfig
+
+# Defaults of the official Qwen-VL vision tower (ViT-bigG/14 at 448px); `n_queries` is fixed to 256 in the
+# official code and is a parameter of its `VisionTransformer`, so keeping it in this dict stays loadable there.
+DEFAULT_VISUAL = {
+    "image_size": 448,
+    "patch_size": 14,
+    "width": 1664,
+    "layers": 48,
+    "heads": 16,
+    "mlp_ratio": 4.9231,
+    "output_dim": 4096,
+    "image_start_id": 151857,
+    "n_queries": 256,
+}
+
+
+class QwenVLConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`QwenVLForConditionalGeneration`]. Field names are those of the official checkpoints, so an
+    official `config.json` loads as it is; the defaults describe Qwen-VL (9.6B).
+
+    Language model: `vocab_size`, `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `kv_channels` (head
+    dimension), `intermediate_size` (the SwiGLU MLP uses two projections of half this size), `layer_norm_epsilon`
+    (RMSNorm), `rotary_emb_base`, `rotary_pct`, `seq_length` (the trained context: dynamic NTK and log-n scaling start
+    beyond it), `use_dynamic_ntk`, `use_logn_attn`, `no_bias` (no bias except the fused qkv projection).
+
+    `visual` holds the vision tower: `image_size`, `patch_size`, `width`, `layers`, `heads`, `mlp_ratio`,
+    `output_dim` (= `hidden_size`), `image_start_id` (id of `<img>`; `</img>` and `<imgpad>` follow it) and
+    `n_queries` (image features per image, 256).
+
+    ```python
+    >>> from modeling_qwen_vl import QwenVLConfig
+    >>> config = QwenVLConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32)
+    ```
+    """
+
+    model_type = "qwen"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    intermediate_size: int = 22016
+    layer_norm_epsilon: float = 1e-6
+    initializer_range: float = 0.02
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    seq_length: int = 2048
+    max_position_embeddings: int = 8192
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    no_bias: bool = True
+    emb_dropout_prob: float = 0.0
+    attn_dropout_prob: float = 0.0
+    scale_attn_weights: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    visual: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        self.visual = {**DEFAULT_VISUAL, **(self.visual or {})}
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Reject shapes the model cannot be built with, naming the fields to fix."""
+        if self.kv_channels * self.num_attention_heads != self.hidden_size:
+            raise ValueError(
+                f"kv_channels ({self.kv_channels}) x num_attention_heads ({self.num_attention_heads}) must equal "
+                f"hidden_size ({self.hidden_size})."
+            )
+        if self.visual["output_dim"] != self.hidden_size:
+            raise ValueError(
+                f"visual['output_dim'] ({self.visual['output_dim']}) must equal hidden_size ({self.hidden_size}): "
+                "image features replace token embeddings."
+            )
+        if self.visual["width"] % self.visual["heads"] != 0:
+            raise ValueError(f"visual['width'] ({self.visual['width']}) must be divisible by visual['heads'].")
+        if self.visual["output_dim"] % 128 != 0:
+            raise ValueError(
+                f"visual['output_dim'] ({self.visual['output_dim']}) must be a multiple of 128: the adapter uses "
+                "output_dim // 128 attention heads."
+            )
+        if int(self.visual["n_queries"] ** 0.5) ** 2 != self.visual["n_queries"]:
+            raise ValueError(f"visual['n_queries'] ({self.visual['n_queries']}) must be a perfect square.")
+
+    @property
+    def image_start_id(self) -> int:
+        return self.visual["image_start_id"]
+
+    @property
+    def image_end_id(self) -> int:
+        return self.visual["image_start_id"] + 1
+
+    @property
+    def image_pad_id(self) -> int:
+        return self.visual["image_start_id"] + 2
+
+
+__all__ = ["QwenVLConfig"]

@@ -1,0 +1,600 @@
+"""Qwen-VL (arXiv 2308.12966): a ViT with a cross-attention adapter feeding 256 features per image into Qwen-7B.
+
+Module and parameter names follow the official checkpoints (`transformer.wte`, `transformer.h.{i}.attn.c_attn`,
+`transformer.visual.attn_pool.*`, `lm_head`, ...), so official safetensors load without missing or unexpected keys
+and the checkpoints this code writes stay loadable by the official code and by serving engines.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_qwen_vl import QwenVLConfig
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention. q, k, v: [batch, heads, len, head_dim]; returns ([batch, len, heads, head_dim], weights)."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_interface(config: QwenVLConfig) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+def resize_grid_embedding(table: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Resize a square positional table [src*src, dim] to [num_positions, dim] (bicubic, float32), as official."""
+    src, tgt = int(math.sqrt(table.shape[0])), int(math.sqrt(num_positions))
+    if src == tgt:
+        return table
+    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
+
+
+def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table [grid_size**2, dim]: first half encodes the column, second half the row."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def official_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [batch, 1, len, len] with the official arithmetic: causal part + padding part, each 0 or `min`.
+
+    At a padded query position every key then scores exactly `min` (or -inf where both parts apply), so padding
+    positions average uniformly over earlier padding and all real tokens, and gradients flow as in the official model.
+    This matters in one place: the logit at the last left-padding position predicts the first real token, so training
+    losses and gradients on left-padded batches equal the official ones. Real positions get the usual causal mask.
+    """
+    length = attention_mask.shape[-1]
+    min_value = torch.finfo(dtype).min
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    causal_part = torch.zeros(length, length, dtype=dtype, device=attention_mask.device).masked_fill(~causal, min_value)
+    return causal_part + (1.0 - attention_mask[:, None, None, :].to(dtype)) * min_value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vision tower (`transformer.visual`): ViT + position-aware cross-attention adapter
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class QwenVLVisionAttention(nn.Module):
+    """ViT self-attention. `in_proj` output is laid out per head as [heads, 3 * head_dim] (q|k|v inside each head)."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        width, self.num_heads = config.visual["width"], config.visual["heads"]
+        self.head_dim = width // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.config = config
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: [images, patches, width] -> [images, patches, width]."""
+        batch, length, _ = hidden_states.shape
+        qkv = self.in_proj(hidden_states).view(batch, length, self.num_heads, 3 * self.head_dim)
+        query, key, value = qkv.transpose(1, 2).split(self.head_dim, dim=-1)
+        attn_output, _ = _attention_interface(self.config)(
+            self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False
+        )
+        return self.out_proj(attn_output.reshape(batch, length, -1))
+
+
+class QwenVLVisionMLP(nn.Module):
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        width = config.visual["width"]
+        self.c_fc = nn.Linear(width, int(width * config.visual["mlp_ratio"]))
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(int(width * config.visual["mlp_ratio"]), width)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(hidden_states)))
+
+
+class QwenVLVisionBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block: `x += attn(ln_1(x)); x += mlp(ln_2(x))`."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        width = config.visual["width"]
+        self.ln_1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = QwenVLVisionAttention(config)
+        self.ln_2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = QwenVLVisionMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states))
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class QwenVLVisionEncoder(nn.Module):
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(QwenVLVisionBlock(config) for _ in range(config.visual["layers"]))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            hidden_states = block(hidden_states)
+        return hidden_states
+
+
+class QwenVLVisionAdapter(nn.Module):
+    """Position-aware adapter: `n_queries` learned queries cross-attend to the patch features.
+
+    `pos_embed` is the fixed 2-D sin-cos table of the query grid; it is stored in checkpoints but never trained.
+    """
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        embed_dim, n_queries = config.visual["output_dim"], config.visual["n_queries"]
+        self.query = nn.Parameter(torch.empty(n_queries, embed_dim))
+        self.register_buffer("pos_embed", sincos_2d_table(embed_dim, int(math.sqrt(n_queries))), persistent=True)
+        self.kv_proj = nn.Linear(config.visual["width"], embed_dim, bias=False)
+        self.attn = nn.MultiheadAttention(embed_dim, embed_dim // 128, batch_first=True)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """patch_features: [images, patches, width] -> [images, n_queries, output_dim]."""
+        key_pos = resize_grid_embedding(self.pos_embed, patch_features.shape[1])
+        value = self.ln_kv(self.kv_proj(patch_features))
+        query = (self.ln_q(self.query) + self.pos_embed).expand(patch_features.shape[0], -1, -1)
+        return self.attn(query, value + key_pos, value, need_weights=False)[0]
+
+
+class QwenVLVisionTransformer(nn.Module):
+    """Images [N, 3, S, S] -> features [N, n_queries, output_dim] ready to replace `<img>` span embeddings."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        visual = config.visual
+        self.conv1 = nn.Conv2d(3, visual["width"], visual["patch_size"], stride=visual["patch_size"], bias=False)
+        # A 16x16 grid (official size whatever the image size); resized to the patch grid in `forward`.
+        self.positional_embedding = nn.Parameter(torch.empty(256, visual["width"]))
+        self.ln_pre = nn.LayerNorm(visual["width"], eps=1e-6)
+        self.transformer = QwenVLVisionEncoder(config)
+        self.attn_pool = QwenVLVisionAdapter(config)
+        self.ln_post = nn.LayerNorm(visual["output_dim"], eps=1e-6)
+        self.proj = nn.Parameter(torch.empty(visual["output_dim"], visual["output_dim"]))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.conv1(pixel_values.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        hidden_states = patches + resize_grid_embedding(self.positional_embedding, patches.shape[1])
+        hidden_states = self.transformer(self.ln_pre(hidden_states))
+        return self.ln_post(self.attn_pool(hidden_states)) @ self.proj
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language model (`transformer.*`)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class QwenVLRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Normalise in float32, cast back, then scale (the official order)."""
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.type_as(hidden_states) * self.weight
+
+
+class QwenVLRotaryEmbedding(nn.Module):
+    """Rotary tables for `rotary_pct * kv_channels` dims, with Qwen's dynamic-NTK base `base * alpha^(d/(d-2))`."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        self.dim = int(config.kv_channels * config.rotary_pct)
+        self.base = config.rotary_emb_base
+        self.register_buffer("inv_freq", self.inverse_frequencies(1.0), persistent=False)
+
+    def inverse_frequencies(self, ntk_alpha: float) -> torch.Tensor:
+        base = self.base * ntk_alpha ** (self.dim / (self.dim - 2))
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, ntk_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [batch, len] -> float32 (cos, sin) of shape [batch, len, dim]."""
+        inv_freq = self.inv_freq if ntk_alpha == 1.0 else self.inverse_frequencies(ntk_alpha).to(self.inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of x [batch, heads, len, head_dim] in float32; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot.type_as(x), x_pass), dim=-1)
+
+
+def dynamic_ntk_alpha(seq_len: int, trained_len: int) -> float:
+    """Qwen's dynamic NTK factor for a prefill of `seq_len` positions (1 while within the trained context)."""
+    context_value = math.log(seq_len / trained_len, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def logn_attention_scale(position_ids: torch.Tensor, trained_len: int) -> torch.Tensor:
+    """Per-query factor log(p+1)/log(trained_len) beyond the trained context, else 1; [batch, 1, len, 1]."""
+    positions = position_ids.float() + 1
+    scale = torch.where(positions > trained_len, torch.log(positions) / math.log(trained_len), torch.ones_like(positions))
+    return scale[:, None, :, None]
+
+
+class QwenVLAttention(nn.Module):
+    """Causal self-attention with a fused `c_attn` (q | k | v contiguous) and rotary embeddings on q and k."""
+
+    def __init__(self, config: QwenVLConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=not config.no_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        logn_scale: torch.Tensor | None = None,
+        force_eager_attention: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        query, key, value = (
+            t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            for t in self.c_attn(hidden_states).chunk(3, dim=-1)
+        )
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        if logn_scale is not None:
+            query = query * logn_scale.to(query.dtype)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_fn = eager_attention_forward if force_eager_attention else _attention_interface(self.config)
+        attn_output, attn_weights = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attn_dropout_prob if self.training else 0.0,
+            **kwargs,
+        )
+        return self.c_proj(attn_output.reshape(batch, length, -1)), attn_weights
+
+
+class QwenVLMLP(nn.Module):
+    """SwiGLU: `c_proj(w1(x) * silu(w2(x)))`, each inner projection of size intermediate_size // 2."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        inner = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(hidden_states) * F.silu(self.w2(hidden_states)))
+
+
+class QwenVLBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QwenVLConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = QwenVLRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QwenVLAttention(config, layer_idx)
+        self.ln_2 = QwenVLRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QwenVLMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        logn_scale: torch.Tensor | None = None,
+        force_eager_attention: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(
+            self.ln_1(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            logn_scale=logn_scale,
+            force_eager_attention=force_eager_attention,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class QwenVLPreTrainedModel(PreTrainedModel):
+    config: QwenVLConfig
+    config_class = QwenVLConfig
+    base_model_prefix = "transformer"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QwenVLBlock", "QwenVLVisionBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        if isinstance(module, QwenVLVisionTransformer):
+            init.normal_(module.positional_embedding, std=module.positional_embedding.shape[-1] ** -0.5)
+            init.normal_(module.proj, std=module.proj.shape[0] ** -0.5)
+        elif isinstance(module, QwenVLVisionAdapter):
+            init.trunc_normal_(module.query, std=0.02)
+            init.copy_(module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0]))))
+        elif isinstance(module, QwenVLRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, QwenVLRotaryEmbedding):
+            init.copy_(module.inv_freq, module.inverse_frequencies(1.0))
+
+
+class QwenVLModel(QwenVLPreTrainedModel):
+    """The language model with the vision tower: embeddings, image splicing, blocks and final norm (no LM head)."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList(QwenVLBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = QwenVLRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.rotary_emb = QwenVLRotaryEmbedding(config)
+        self.visual = QwenVLVisionTransformer(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.wte = value
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] -> image features [N, n_queries, hidden_size]."""
+        return self.visual(pixel_values)
+
+    def get_image_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """True at the positions strictly between each `<img>` and its `</img>` (the image feature slots)."""
+        starts = input_ids == self.config.image_start_id
+        ends = input_ids == self.config.image_end_id
+        depth = starts.long().cumsum(-1) - ends.long().cumsum(-1)
+        return (depth > 0) & ~starts
+
+    def _splice_images(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Replace the embeddings inside every `<img>...</img>` span by that image's features, in order."""
+        if input_ids is None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values need input_ids to locate the <img>...</img> spans; pass input_ids.")
+            return inputs_embeds
+        num_spans = int((input_ids == self.config.image_start_id).sum())
+        num_ends = int((input_ids == self.config.image_end_id).sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_spans != num_ends:
+            raise ValueError(f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed.")
+        if num_spans != num_images:
+            raise ValueError(
+                f"input_ids contain {num_spans} <img>...</img> spans but {num_images} images were given in "
+                "pixel_values; pass one preprocessed image per span (QwenVLProcessor does this)."
+            )
+        if num_images == 0:
+            return inputs_embeds
+        mask = self.get_image_mask(input_ids)
+        n_queries = self.config.visual["n_queries"]
+        if int(mask.sum()) != num_images * n_queries:
+            raise ValueError(f"every <img>...</img> span must hold exactly {n_queries} tokens between the tags.")
+        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def _is_left_padded_prefill(self, attention_mask: torch.Tensor | None, past_length: int, query_length: int) -> bool:
+        """A left-padded uncached batch under eager/sdpa: use `official_padding_mask` so every position, padding
+        included, gets the official output. Otherwise the standard causal mask already gives the official results."""
+        return (
+            attention_mask is not None
+            and attention_mask.ndim == 2
+            and past_length == 0
+            and attention_mask.shape[-1] == query_length
+            and self.config._attn_implementation in ("eager", "sdpa")
+            and not bool(attention_mask[:, 0].all())
+        )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length == 0:  # prefill: images are encoded only here
+            inputs_embeds = self._splice_images(input_ids, inputs_embeds, pixel_values)
+
+        query_length = inputs_embeds.shape[1]
+        if position_ids is None:  # official: positions count padding too (`generate` passes padding-aware ones)
+            position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+
+        # Dynamic NTK and log-n scaling extend the context at inference only; decoding reuses the prefill's alpha.
+        ntk_alpha, logn_scale = 1.0, None
+        if not self.training:
+            if self.config.use_dynamic_ntk:
+                if past_length == 0:
+                    ntk_alpha = dynamic_ntk_alpha(query_length, self.config.seq_length)
+                    if cache is not None:
+                        cache.qwen_ntk_alpha = ntk_alpha
+                else:
+                    ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
+            if self.config.use_logn_attn:
+                logn_scale = logn_attention_scale(position_ids, self.config.seq_length)
+
+        official_padding = self._is_left_padded_prefill(attention_mask, past_length, query_length)
+        # sdpa kernels lose precision in the backward pass on rows of `min` scores: train such batches with eager math.
+        force_eager_attention = official_padding and self.training
+        if official_padding:
+            causal_mask = official_padding_mask(attention_mask, inputs_embeds.dtype)
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+        position_embeddings = self.rotary_emb(position_ids, ntk_alpha)
+
+        hidden_states = self.drop(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                cache=cache,
+                logn_scale=logn_scale,
+                force_eager_attention=force_eager_attention,
+                **kwargs,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
+    """Qwen-VL with its LM head. Loads `QWenLMHeadModel` checkpoints (Qwen-VL, Qwen-VL-Chat) as they are."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__(config)
+        self.transformer = QwenVLModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] -> image features [N, n_queries, hidden_size]."""
+        return self.transformer.get_image_features(pixel_values)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        input_ids [batch, len] hold `<img>` + 256 slot ids + `</img>` per image; `pixel_values` [images, 3, S, S] are
+        the images in order of appearance (row by row) and are encoded on prefill only. `labels` use -100 for ignored
+        positions and are shifted inside (next-token loss, mean over kept targets).
+        """
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["QwenVLForConditionalGeneration", "QwenVLModel", "QwenVLPreTrainedModel"]
