@@ -17,6 +17,20 @@ DEFAULT_VISUAL = {
 }
 
 
+# Written into every saved config.json so a Hub repo of these files loads with `trust_remote_code=True`.
+AUTO_MAP = {
+    "AutoConfig": "configuration_qwen_vl.QwenVLConfig",
+    "AutoModel": "modeling_qwen_vl.QwenVLModel",
+    "AutoModelForCausalLM": "modeling_qwen_vl.QwenVLForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_qwen_vl.QwenVLForConditionalGeneration",
+    "AutoTokenizer": ["tokenization_qwen_vl.QwenVLTokenizer", None],
+    "AutoImageProcessor": "image_processing_qwen_vl.QwenVLImageProcessor",
+    "AutoProcessor": "processing_qwen_vl.QwenVLProcessor",
+}
+# The official class name: serving engines (vLLM, ...) recognise Qwen-VL checkpoints by it.
+OFFICIAL_ARCHITECTURE = "QWenLMHeadModel"
+
+
 class QwenVLConfig(PreTrainedConfig):
     r"""
     Configuration of [`QwenVLForConditionalGeneration`]. Field names are those of the official checkpoints, so an
@@ -39,6 +53,7 @@ class QwenVLConfig(PreTrainedConfig):
 
     model_type = "qwen"
     keys_to_ignore_at_inference = ["cache"]
+    _auto_class = "AutoConfig"  # save_pretrained copies this file next to config.json
 
     vocab_size: int = 151936
     hidden_size: int = 4096
@@ -64,7 +79,16 @@ class QwenVLConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.visual = {**DEFAULT_VISUAL, **(self.visual or {})}
+        # An official config.json points its auto_map at the official remote code; ours replaces it.
+        kwargs["auto_map"] = dict(AUTO_MAP)
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """Serialise with the official architecture name, so checkpoints we write stay recognisable as Qwen-VL."""
+        output = super().to_dict()
+        if output.get("architectures"):
+            output["architectures"] = [OFFICIAL_ARCHITECTURE]
+        return output
 
     def validate_architecture(self):
         """Reject shapes the model cannot be built with, naming the fields to fix."""

@@ -29,6 +29,7 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
     ```
     """
 
+    _auto_class = "AutoImageProcessor"  # save_pretrained copies this file next to preprocessor_config.json
     size = {"height": 448, "width": 448}
     default_to_square = True
     do_center_crop = False

@@ -537,6 +537,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     """Qwen-VL with its LM head. Loads `QWenLMHeadModel` checkpoints (Qwen-VL, Qwen-VL-Chat) as they are."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained copies the remote-code files next to the weights
 
     def __init__(self, config: QwenVLConfig):
         super().__init__(config)
