@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -21,6 +21,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_qwen_vl import QwenVLConfig
+from .image_processing_qwen_vl import QwenVLImageProcessor
+from .processing_qwen_vl import QwenVLProcessor
 
 
 def eager_attention_forward(
@@ -596,6 +598,81 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history: list[tuple[str, str]] | None = None,
+        system: str = "You are a helpful assistant.",
+        append_history: bool = True,
+        stream: bool = False,
+        stop_words_ids: list[list[int]] | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> tuple[str, list[tuple[str, str]]]:
+        """The official Qwen-VL-Chat `chat`: answer `query` after `history` ([(query, response), ...]) in ChatML.
+
+        `tokenizer` may be a [`QwenVLTokenizer`] (as in the official code) or a [`QwenVLProcessor`]. Images are
+        written in the text as `<img>path</img>` (`tokenizer.from_list_format` builds such queries) and are opened
+        by the processor. Older turns are dropped first when the context exceeds `max_window_size` (generation
+        config, default 6144 tokens). Extra keyword arguments go to `generate` (e.g. `streamer=` for streaming).
+        Returns `(response, history)`, the history extended by this turn when `append_history`.
+        """
+        if stream:
+            raise ValueError("chat(stream=True) is not supported: pass streamer=TextIteratorStreamer(...) instead.")
+        if isinstance(tokenizer, QwenVLProcessor):
+            processor = tokenizer
+        else:
+            size = self.config.visual["image_size"]
+            processor = QwenVLProcessor(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer)
+        tok = processor.tokenizer
+        generation_config = generation_config or self.generation_config
+        history = list(history or [])
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        # Keep the most recent turns that fit in the window, like the official `make_context`.
+        budget = getattr(generation_config, "max_window_size", 6144) - count(
+            f"<|im_start|>system\n{system}<|im_end|>"
+        )
+        kept: list[tuple[str, str]] = []
+        for turn_query, turn_response in reversed(history):
+            budget -= count(
+                f"\n<|im_start|>user\n{turn_query}<|im_end|>\n<|im_start|>assistant\n{turn_response}<|im_end|>"
+            )
+            if budget <= 0:
+                break
+            kept.insert(0, (turn_query, turn_response))
+        messages = [{"role": "system", "content": system}]
+        for turn_query, turn_response in kept:
+            messages += [{"role": "user", "content": turn_query}, {"role": "assistant", "content": turn_response}]
+        messages.append({"role": "user", "content": query})
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=prompt, return_tensors="pt").to(self.device)
+
+        stop_ids = [tok.im_end_id, tok.im_start_id, tok.eod_id]
+        stop_strings = []
+        for words in stop_words_ids or []:
+            if len(words) == 1:
+                stop_ids.append(words[0])
+            else:
+                stop_strings.append(tok.decode(words))
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=tok)
+        output = self.generate(
+            **inputs, generation_config=generation_config, eos_token_id=stop_ids, pad_token_id=tok.eod_id, **kwargs
+        )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+        end = next((i for i, token in enumerate(new_tokens) if token in stop_ids), len(new_tokens))
+        response = tok.decode(new_tokens[:end])
+        for stop in stop_strings:
+            response = response.split(stop)[0]
+        response = response.strip()
+        if append_history:
+            history.append((query, response))
+        return response, history
 
 
 __all__ = ["QwenVLForConditionalGeneration", "QwenVLModel", "QwenVLPreTrainedModel"]

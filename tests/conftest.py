@@ -42,6 +42,30 @@ def tokenizer_golden(fixtures_dir) -> dict:
     return json.loads(_require(fixtures_dir / "tokenizer_golden.json").read_text())
 
 
+TINY_MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world"]
+TINY_IMAGE_START_ID = 256 + len(TINY_MERGES) + 214  # `<img>` follows the ranks and 214 other special tokens
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_file(tmp_path_factory):
+    """256 single bytes plus a few merges, in the qwen.tiktoken format."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + TINY_MERGES
+    path = tmp_path_factory.mktemp("tiny_vocab") / "qwen.tiktoken"
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_vocab_file):
+    """A processor matching TINY_CONFIG: tiny vocabulary, 56px images."""
+    from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
+
+    size = TINY_CONFIG["visual"]["image_size"]
+    return QwenVLProcessor(QwenVLImageProcessor(size={"height": size, "width": size}), QwenVLTokenizer(str(tiny_vocab_file)))
+
+
 TINY_CONFIG = dict(
     vocab_size=512,
     hidden_size=128,
@@ -49,7 +73,7 @@ TINY_CONFIG = dict(
     num_attention_heads=4,
     kv_channels=32,
     intermediate_size=256,
-    visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128, image_start_id=400),
+    visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128, image_start_id=TINY_IMAGE_START_ID),
 )
 
 

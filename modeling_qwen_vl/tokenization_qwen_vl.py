@@ -1,0 +1,409 @@
+"""Tokenizer of Qwen-VL: tiktoken BPE over the official `qwen.tiktoken` vocabulary, with image spans and ChatML."""
+
+import base64
+import numbers
+import os
+import shutil
+import unicodedata
+
+import tiktoken
+from transformers import AddedToken, PreTrainedTokenizer
+
+
+VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
+
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
+# (start, end) tag pairs of the multimodal markup, in vocabulary order; `<imgpad>` follows them.
+REF_TAGS = ("<ref>", "</ref>")
+BOX_TAGS = ("<box>", "</box>")
+QUAD_TAGS = ("<quad>", "</quad>")
+IMAGE_TAGS = ("<img>", "</img>")
+IMAGE_PAD = "<imgpad>"
+# Ids follow the BPE ranks in exactly this order.
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS, *REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
+
+# Positions between `<img>` and `</img>`: the number of image features the model writes there.
+IMAGE_SPAN_LENGTH = 256
+
+# ChatML as used by Qwen-VL-Chat (default system message "You are a helpful assistant."). Image items become
+# "Picture N: <img>PATH</img>\n" (N counts the images of the whole conversation). An image that is not a path or URL
+# string (e.g. a PIL image, which transformers shows to templates as the placeholder "<Image>") leaves the span empty,
+# and the tokenizer fills it with <imgpad>.
+CHAT_TEMPLATE = r"""{%- set images = namespace(count=0) -%}
+{%- if not messages or messages[0]['role'] != 'system' -%}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\n' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- else -%}
+{%- for item in message['content'] -%}
+{%- if item['type'] == 'text' -%}
+{{- item['text'] -}}
+{%- elif item['type'] == 'image' -%}
+{%- set images.count = images.count + 1 -%}
+{%- set source = item['image'] if 'image' in item else (item['url'] if 'url' in item else item['path']) -%}
+{%- set is_path = source is string and not (source.startswith('<') and source.endswith('>')) -%}
+{{- 'Picture ' ~ images.count ~ ': <img>' ~ (source if is_path else '') ~ '</img>\n' -}}
+{%- else -%}
+{{- raise_exception("Unsupported content item type '" ~ item['type'] ~ "': use 'text' or 'image'.") -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|im_end|>' -}}
+{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '\n<|im_start|>assistant\n' -}}
+{%- endif -%}"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, used to show byte-level tokens as strings."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+BYTE_ENCODER = _bytes_to_unicode()
+BYTE_DECODER = {char: b for b, char in BYTE_ENCODER.items()}
+# `bytes.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)` turns token bytes into their byte-level string.
+_LATIN1_TO_BYTE_LEVEL = str.maketrans({chr(b): char for b, char in BYTE_ENCODER.items()})
+
+
+def load_tiktoken_ranks(vocab_file: str) -> dict[bytes, int]:
+    """Read a `base64(token) rank` file (one token per line) into `{token_bytes: rank}`."""
+    ranks = {}
+    with open(vocab_file, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(
+                    f"{vocab_file}, line {line_number}: expected 'base64(token) rank', got {line[:80]!r}"
+                )
+            ranks[base64.b64decode(parts[0])] = int(parts[1])
+    return ranks
+
+
+class QwenVLTokenizer(PreTrainedTokenizer):
+    """
+    Qwen-VL tokenizer: byte-level BPE (tiktoken) over the ranks of a `qwen.tiktoken` file, followed by the special
+    tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>`...`<|extra_204|>`, `<ref>`, `</ref>`, `<box>`,
+    `</box>`, `<quad>`, `</quad>`, `<img>`, `</img>`, `<imgpad>` (ids `len(ranks)` onwards, so any vocabulary in that
+    format works). Special tokens written in text are recognised.
+
+    An image span `<img>PATH</img>` always encodes to 258 ids: `<img>`, the UTF-8 bytes of PATH used as ids,
+    `<imgpad>` up to 256 ids, `</img>`. The model replaces the 256 inner positions by image features.
+
+    Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding.
+
+    Args:
+        vocab_file (`str`): Path of the `qwen.tiktoken` vocabulary.
+        errors (`str`, *optional*, defaults to `"replace"`): How `decode` treats invalid UTF-8 (see `bytes.decode`).
+        eos_token (`str`, *optional*, defaults to `"<|endoftext|>"`): End of document token.
+        pad_token (`str`, *optional*, defaults to `"<|endoftext|>"`): Padding token.
+        chat_template (`str`, *optional*): Jinja chat template; defaults to Qwen-VL-Chat's ChatML.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    _auto_class = "AutoTokenizer"  # save_pretrained copies this file next to tokenizer_config.json
+
+    def __init__(
+        self,
+        vocab_file: str,
+        errors: str = "replace",
+        eos_token: str = ENDOFTEXT,
+        pad_token: str = ENDOFTEXT,
+        chat_template: str | dict | None = CHAT_TEMPLATE,
+        **kwargs,
+    ):
+        self.vocab_file = vocab_file
+        self.mergeable_ranks = load_tiktoken_ranks(vocab_file)
+        num_ranks = len(self.mergeable_ranks)
+        if sorted(self.mergeable_ranks.values()) != list(range(num_ranks)):
+            raise ValueError(f"{vocab_file}: ranks must be the distinct integers 0..{num_ranks - 1}")
+        missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
+        if missing:
+            raise ValueError(
+                f"{vocab_file}: a byte-level BPE vocabulary needs all 256 single-byte tokens; missing {len(missing)} "
+                f"(e.g. byte {missing[0]})"
+            )
+        self.special_tokens = {token: num_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.errors = errors
+        self.encoding = tiktoken.Encoding(
+            "qwen_vl", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
+        )
+
+        self._id_to_token = [""] * num_ranks
+        for token_bytes, rank in self.mergeable_ranks.items():
+            self._id_to_token[rank] = token_bytes.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)
+        self._token_to_id = {token: rank for rank, token in enumerate(self._id_to_token)}
+
+        self.eod_id = self.special_tokens[ENDOFTEXT]
+        self.im_start_id = self.special_tokens[IM_START]
+        self.im_end_id = self.special_tokens[IM_END]
+        self.ref_start_id, self.ref_end_id = (self.special_tokens[t] for t in REF_TAGS)
+        self.box_start_id, self.box_end_id = (self.special_tokens[t] for t in BOX_TAGS)
+        self.quad_start_id, self.quad_end_id = (self.special_tokens[t] for t in QUAD_TAGS)
+        self.img_start_id, self.img_end_id = (self.special_tokens[t] for t in IMAGE_TAGS)
+        self.img_pad_id = self.special_tokens[IMAGE_PAD]
+
+        # The special tokens are fixed by the vocabulary: a saved `added_tokens_decoder` may only repeat them.
+        for index, token in kwargs.pop("added_tokens_decoder", {}).items():
+            if self.special_tokens.get(str(token)) != index:
+                raise ValueError(
+                    f"added_tokens_decoder maps id {index} to {str(token)!r}, which disagrees with the special tokens "
+                    f"of {vocab_file}; remove `added_tokens_decoder` from tokenizer_config.json"
+                )
+        self._added_tokens_decoder = {
+            index: AddedToken(token, lstrip=False, rstrip=False, normalized=False, special=True)
+            for token, index in self.special_tokens.items()
+        }
+        kwargs["extra_special_tokens"] = [t for t in SPECIAL_TOKENS if t not in (str(eos_token), str(pad_token))]
+        super().__init__(
+            errors=errors, eos_token=eos_token, pad_token=pad_token, chat_template=chat_template, **kwargs
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: BPE ranks plus special tokens."""
+        return self.encoding.n_vocab
+
+    def __len__(self) -> int:
+        return self.encoding.n_vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**self._token_to_id, **self.special_tokens}
+
+    def _add_tokens(self, new_tokens: list[str] | list[AddedToken], special_tokens: bool = False) -> int:
+        """The vocabulary is fixed (its ids index the model's embeddings): only its own special tokens are accepted."""
+        unknown = [str(token) for token in new_tokens if str(token) not in self.special_tokens]
+        if unknown:
+            raise ValueError(
+                f"Cannot add tokens {unknown}: the Qwen-VL vocabulary is fixed. Use one of the reserved special "
+                "tokens '<|extra_0|>'...'<|extra_204|>' instead."
+            )
+        return 0
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Split `text` into tokens; `split_special_tokens=True` encodes special-token text as plain text."""
+        split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        return self.convert_ids_to_tokens(self._encode_ids(text, allow_special=not split_special_tokens))
+
+    def _encode_ids(self, text: str, allow_special: bool = True) -> list[int]:
+        """NFC-normalise, BPE-encode and lay out every `<img>...</img>` span as 258 ids."""
+        text = unicodedata.normalize("NFC", text)
+        ids = self.encoding.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        if self.img_start_id not in ids:
+            return ids
+        output = []
+        position = 0
+        while (start := _find(ids, self.img_start_id, position)) != -1:
+            end = _find(ids, self.img_end_id, start + 1)
+            if end == -1:
+                raise ValueError(
+                    f"Unclosed {IMAGE_TAGS[0]} in {text[:200]!r}: close each image span with {IMAGE_TAGS[1]}"
+                )
+            # `<imgpad>` already inside the span is padding, so re-encoding decoded tokens gives the same ids.
+            content = self.encoding.decode_bytes([i for i in ids[start + 1 : end] if i != self.img_pad_id])
+            if len(content) > IMAGE_SPAN_LENGTH:
+                raise ValueError(
+                    f"Image path {content.decode('utf-8', 'replace')[:60]!r}... is {len(content)} bytes long; an "
+                    f"image span holds at most {IMAGE_SPAN_LENGTH} bytes. Use a shorter path, or pass the image "
+                    "itself to the processor."
+                )
+            output += ids[position:start]
+            output += [self.img_start_id, *content]
+            output += [self.img_pad_id] * (IMAGE_SPAN_LENGTH - len(content)) + [self.img_end_id]
+            position = end + 1
+        return output + ids[position:]
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if token not in self._token_to_id:
+            raise ValueError(f"Unknown token {token!r}: tokens are byte-level strings as returned by `tokenize`")
+        return self._token_to_id[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if not 0 <= index < len(self._id_to_token):
+            raise ValueError(f"Token id {index} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+        return self._id_to_token[index]
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        data = b"".join(
+            token.encode("utf-8") if token in self.special_tokens else bytes(BYTE_DECODER[c] for c in token)
+            for token in tokens
+        )
+        return data.decode("utf-8", errors=self.errors)
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        errors: str | None = None,
+        **kwargs,
+    ) -> str:
+        """
+        Decode ids to text. Image spans come back as `<img>PATH</img>` (padding dropped); `skip_special_tokens=True`
+        drops every special token, image tags included, but keeps the path.
+        """
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        errors = errors or self.errors
+        pieces = []
+        run = []  # consecutive BPE ids, decoded together so multi-byte characters split over tokens survive
+
+        def flush():
+            if run:
+                pieces.append(self.encoding.decode(run, errors=errors))
+                run.clear()
+
+        index = 0
+        while index < len(ids):
+            token_id = ids[index]
+            if token_id == self.img_start_id and (span := self._image_span(ids, index)) is not None:
+                end, path = span
+                flush()
+                path = path.decode("utf-8", errors=errors)
+                pieces.append(path if skip_special_tokens else IMAGE_TAGS[0] + path + IMAGE_TAGS[1])
+                index = end + 1
+                continue
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"Token id {token_id} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+            if token_id >= self.eod_id:
+                flush()
+                if not skip_special_tokens:
+                    pieces.append(SPECIAL_TOKENS[token_id - self.eod_id])
+            else:
+                run.append(token_id)
+            index += 1
+        flush()
+        text = "".join(pieces)
+        if clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return text
+
+    def _image_span(self, ids: list[int], start: int) -> tuple[int, bytes] | None:
+        """`(end, path bytes)` of the image span opened at `start`, or None if it is unclosed or holds non-byte ids."""
+        end = _find(ids, self.img_end_id, start + 1)
+        if end == -1:
+            return None
+        content = [token_id for token_id in ids[start + 1 : end] if token_id != self.img_pad_id]
+        if not all(0 <= token_id < 256 for token_id in content):
+            return None
+        return end, bytes(content)
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        """
+        Write `qwen.tiktoken`: a byte-for-byte copy of the loaded file while it exists (so checksums still match),
+        otherwise the ranks as `base64(token) rank` lines.
+        """
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"Vocabulary path {save_directory} should be an existing directory")
+        path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "qwen.tiktoken")
+        if os.path.isfile(self.vocab_file):
+            if os.path.abspath(self.vocab_file) != os.path.abspath(path):
+                shutil.copyfile(self.vocab_file, path)
+            return (path,)
+        with open(path, "wb") as f:
+            for token_bytes, rank in sorted(self.mergeable_ranks.items(), key=lambda item: item[1]):
+                f.write(base64.b64encode(token_bytes) + b" " + str(rank).encode() + b"\n")
+        return (path,)
+
+    def from_list_format(self, list_format: list[dict]) -> str:
+        """
+        Build a query from official list-format elements: `{"image": path}` -> `Picture N:<img>path</img>\\n`
+        (N from 1), `{"text": t}` -> t, `{"ref": r, "box": [[x1, y1, x2, y2], ...]}` ->
+        `<ref>r</ref><box>(x1,y1),(x2,y2)</box>` per box (`ref` and `box` may each appear alone).
+        """
+        if not isinstance(list_format, (list, tuple)):
+            raise TypeError(f"list_format must be a list of dicts, got {type(list_format).__name__}")
+        text = ""
+        num_images = 0
+        for element in list_format:
+            if not isinstance(element, dict):
+                raise TypeError(f"list_format elements must be dicts, got {type(element).__name__}: {element!r}")
+            keys = set(element)
+            if not all(isinstance(element[key], str) for key in keys & {"image", "text", "ref"}):
+                raise TypeError(f"'image', 'text' and 'ref' values must be str, got {element!r}")
+            if keys == {"image"}:
+                num_images += 1
+                text += f"Picture {num_images}:{IMAGE_TAGS[0]}{element['image']}{IMAGE_TAGS[1]}\n"
+            elif keys == {"text"}:
+                text += element["text"]
+            elif keys and keys <= {"ref", "box"}:
+                if "ref" in element:
+                    text += REF_TAGS[0] + element["ref"] + REF_TAGS[1]
+                boxes = element.get("box", [])
+                if not isinstance(boxes, (list, tuple)) or not all(_is_box(box) for box in boxes):
+                    raise ValueError(
+                        f"'box' must be a list of boxes [x1, y1, x2, y2], each 4 integers in [0, 1000), got {boxes!r}"
+                    )
+                for box in boxes:
+                    text += BOX_TAGS[0] + "({},{}),({},{})".format(*(int(v) for v in box)) + BOX_TAGS[1]
+            else:
+                raise ValueError(
+                    f"Unsupported list_format element {element!r}: use {{'image': path}}, {{'text': text}} or "
+                    "{'ref': phrase, 'box': [[x1, y1, x2, y2], ...]}"
+                )
+        return text
+
+    def to_list_format(self, text: str) -> list[dict[str, str]]:
+        """
+        Split text at closed `<img>`, `<ref>`, `<box>`, `<quad>` pairs into `{"image"|"ref"|"box"|"quad": content}`
+        elements, the text between them into `{"text": ...}` elements (inverse of `from_list_format`'s markup).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"to_list_format expects a str, got {type(text).__name__}")
+        text = unicodedata.normalize("NFC", text)
+        kinds = {IMAGE_TAGS: "image", REF_TAGS: "ref", BOX_TAGS: "box", QUAD_TAGS: "quad"}
+        elements = []
+        position = 0
+        while True:
+            found = [(text.find(tags[0], position), tags) for tags in kinds]
+            found = [(start, tags) for start, tags in found if start != -1]
+            if not found:
+                break
+            start, tags = min(found)
+            end = text.find(tags[1], start + len(tags[0]))
+            if end == -1:
+                raise ValueError(f"Unclosed {tags[0]} at character {start}: close it with {tags[1]}")
+            if start > position:
+                elements.append({"text": text[position:start]})
+            elements.append({kinds[tags]: text[start + len(tags[0]) : end]})
+            position = end + len(tags[1])
+        if position < len(text):
+            elements.append({"text": text[position:]})
+        return elements
+
+
+def _find(ids: list[int], token_id: int, start: int) -> int:
+    """Index of `token_id` in `ids` from `start`, or -1."""
+    try:
+        return ids.index(token_id, start)
+    except ValueError:
+        return -1
+
+
+def _is_box(box) -> bool:
+    """Whether `box` is a sequence of 4 integers (bools excluded)."""
+    return (
+        isinstance(box, (list, tuple))
+        and len(box) == 4
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
+    )
