@@ -5,6 +5,7 @@ Coordinates are integers in [0, 1000) relative to the image width and height: `(
 the bottom-right corner. A `<box>` may follow a `<ref>` (several boxes may follow one ref) or stand alone.
 """
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from numbers import Real
@@ -18,6 +19,8 @@ _QUAD_BODY = re.compile(rf"\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POI
 # Tag contents may not contain another grounding tag, so an unclosed tag cannot swallow the ones after it.
 _TAG = re.compile(r"</?(?:ref|box|quad)>")
 _CONTENT = rf"(?:(?!{_TAG.pattern}).)*?"
+# Tags a phrase may not contain: the grounding tags and the image-span tags.
+_MARKUP = re.compile(r"</?(?:ref|box|quad|img)>|<imgpad>")
 _GROUNDING = re.compile(
     rf"<ref>(?P<ref>{_CONTENT})</ref>|<(?P<tag>box|quad)>(?P<body>{_CONTENT})</(?P=tag)>", re.DOTALL
 )
@@ -106,10 +109,21 @@ def box_to_text(box: Iterable[float], image_size: tuple[int, int] | None = None)
     """
     `(x1, y1, x2, y2)` → `<box>(x1,y1),(x2,y2)</box>`. With `image_size=(width, height)` the box is in pixels of
     that image and is converted to the model's 0-1000 scale; otherwise it is already on that scale. Coordinates are
-    rounded and clamped to [0, 999], so one unit is 1/1000 of the image size.
+    rounded and clamped to [0, 999], so one unit is 1/1000 of the image size; a box reaching past the image edges
+    is clipped to them, and corners keep their order. A `ValueError` is raised for coordinates that are not finite
+    and for boxes lying entirely outside the image (clamping would silently turn them into a box on its edge).
     """
-    x1, y1, x2, y2 = _check_box(box)
+    values = _check_box(box)
     width, height = _check_image_size(image_size) or (1000, 1000)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Box {box!r} has a coordinate that is not a finite number.")
+    x1, y1, x2, y2 = values
+    if max(x1, x2) < 0 or max(y1, y2) < 0 or min(x1, x2) >= width or min(y1, y2) >= height:
+        scale = f"the image ({width}x{height} pixels)" if image_size is not None else "the 0-1000 scale"
+        raise ValueError(
+            f"Box {box!r} lies entirely outside {scale}: pass image_size=(width, height) for pixel boxes, or "
+            "coordinates in [0, 1000) otherwise."
+        )
 
     def quantize(value, extent):
         return min(max(round(value * 1000 / extent), 0), 999)
@@ -126,7 +140,7 @@ def format_grounding(
     """
     if phrase is not None and not isinstance(phrase, str):
         raise TypeError(f"phrase must be a str or None, got {type(phrase).__name__}.")
-    if phrase is not None and _TAG.search(phrase):
+    if phrase is not None and _MARKUP.search(phrase):
         raise ValueError(f"phrase must not contain grounding tags, got {phrase!r}.")
     if isinstance(boxes, (str, bytes, dict)) or not isinstance(boxes, Iterable):
         raise TypeError(f"boxes must be a box or a list of boxes, got {boxes!r}.")

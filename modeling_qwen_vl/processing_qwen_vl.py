@@ -1,28 +1,41 @@
 """Processor of Qwen-VL: the tokenizer's `<img>...</img>` spans paired with the image processor's `pixel_values`."""
 
 import re
+import unicodedata
 
 import numpy as np
 import PIL.Image
 import torch
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessingKwargs
 
 from .grounding_qwen_vl import draw_grounding, parse_grounding
-from .image_processing_qwen_vl import QwenVLImageProcessor
-from .tokenization_qwen_vl import IMAGE_TAGS, QwenVLTokenizer
+from .image_processing_qwen_vl import (
+    REMOTE_IMAGE_MAX_BYTES,
+    REMOTE_IMAGE_TIMEOUT,
+    QwenVLImageProcessor,
+    decode_image,
+    load_image,
+)
+from .tokenization_qwen_vl import IMAGE_TAGS, QwenVLTokenizer, check_markup
 
 
 # Same pairing as the tokenizer: an opening tag closes at the first `</img>` after it.
 IMAGE_SPAN = re.compile(re.escape(IMAGE_TAGS[0]) + "(.*?)" + re.escape(IMAGE_TAGS[1]), re.DOTALL)
 EMPTY_IMAGE_SPAN = IMAGE_TAGS[0] + IMAGE_TAGS[1]
+# Tokenizer keyword arguments applied when the rows are padded together (after truncation and the length check).
+PADDING_KWARGS = ("padding", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 
 
 class QwenVLProcessorKwargs(ProcessingKwargs, total=False):
-    """`allow_remote_images`: fetch http(s) images (off by default: no network access unless asked for)."""
+    """
+    `allow_remote_images`: fetch http(s) images (off by default: no network access unless asked for), each within
+    `remote_image_timeout` seconds (default 10) and `remote_image_max_bytes` bytes (default 20 MiB).
+    """
 
     allow_remote_images: bool
+    remote_image_timeout: float
+    remote_image_max_bytes: int
 
 
 class QwenVLProcessor(ProcessorMixin):
@@ -31,12 +44,19 @@ class QwenVLProcessor(ProcessorMixin):
 
     Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). Images are
     matched to the spans in order, row by row:
-    - `images` given: one image (PIL image, array, local path) per span; the spans are emptied, so the model input
-      holds `<img>`, 256 `<imgpad>`, `</img>` (the model overwrites those positions with image features anyway);
+    - `images` given: one image (PIL image, array, local path) per span, as a flat list or as one list per row (rows
+      without images get `[]`); the spans are emptied, so the model input holds `<img>`, 256 `<imgpad>`, `</img>`
+      (the model overwrites those positions with image features anyway);
     - `images=None`: every span must name a local file, which is loaded, and the ids keep the path bytes as the
       official tokenizer writes them.
     URLs are only fetched with `allow_remote_images=True`. Batches are padded on the left (for generation) unless
     `padding_side` says otherwise.
+
+    Rows longer than `max_length` (default: the tokenizer's `model_max_length`, when set) raise a `ValueError` unless
+    `truncation=True`, which cuts them to that length on the tokenizer's `truncation_side`; images whose spans are cut
+    away are dropped with them, and a cut through an image span raises instead. Malformed input (empty rows, unclosed
+    or nested `<img>`/`<ref>`/`<box>`/`<quad>` tags, image counts that do not match the spans, unreadable images)
+    raises a `ValueError` naming the row or image.
 
     Args:
         image_processor ([`QwenVLImageProcessor`]): Image preprocessing.
@@ -49,6 +69,8 @@ class QwenVLProcessor(ProcessorMixin):
     # Call defaults, overridable per call (see `ProcessorMixin._merge_kwargs`).
     text_kwargs = {"padding": True, "padding_side": "left"}
     allow_remote_images = False
+    remote_image_timeout = REMOTE_IMAGE_TIMEOUT
+    remote_image_max_bytes = REMOTE_IMAGE_MAX_BYTES
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         if chat_template is None and tokenizer is not None:
@@ -63,38 +85,78 @@ class QwenVLProcessor(ProcessorMixin):
         output_kwargs = self._merge_kwargs(
             QwenVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
-        allow_remote = output_kwargs["allow_remote_images"]
+        remote = {
+            "allow_remote": output_kwargs["allow_remote_images"],
+            "timeout": output_kwargs["remote_image_timeout"],
+            "max_bytes": output_kwargs["remote_image_max_bytes"],
+        }
         if text is None:
             if images is None:
                 raise ValueError("Pass `text` (with one <img></img> span per image), `images`, or both.")
-            loaded = [_load(image, allow_remote) for image in _flatten_images(images)]
-            return self.image_processor(loaded, **output_kwargs["images_kwargs"])
+            named = [(f"images[{index}]", image) for index, image in enumerate(_flatten_images(images))]
+            return self.image_processor(_load_images(named, remote), **output_kwargs["images_kwargs"])
 
-        texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
-            raise TypeError(f"`text` must be a str or a list of str, got {type(text).__name__}")
-        spans = [content for sample in texts for content in IMAGE_SPAN.findall(sample)]
+        texts = _check_texts(text)
+        row_spans = [IMAGE_SPAN.findall(sample) for sample in texts]
         if images is None:
-            if not all(spans):
+            row_images = [[(path, path) for path in spans] for spans in row_spans]  # a path names itself
+            empty = sum(not path for spans in row_spans for path in spans)
+            if empty:
                 raise ValueError(
-                    f"Got 0 images for {len(spans)} <img></img> spans, {spans.count('')} of them empty: pass `images` "
-                    "(one per span, in order) or write a local image path inside each span."
+                    f"Got 0 images for {sum(map(len, row_spans))} <img></img> spans, {empty} of them empty: pass "
+                    "`images` (one per span, in order) or write a local image path inside each span."
                 )
-            images = spans
         else:
-            images = _flatten_images(images)
-            if len(images) != len(spans):
-                raise ValueError(
-                    f"Got {len(images)} images for {len(spans)} <img></img> spans in the text: pass exactly one image "
-                    "per span, in order of appearance (row by row)."
-                )
+            row_images = _match_images(images, row_spans)
             texts = [IMAGE_SPAN.sub(EMPTY_IMAGE_SPAN, sample) for sample in texts]
 
-        data = dict(self.tokenizer(list(texts), **output_kwargs["text_kwargs"]))
-        if images:
-            loaded = [_load(image, allow_remote) for image in images]
-            data.update(self.image_processor(loaded, **output_kwargs["images_kwargs"]))
+        data, row_images = self._tokenize(texts, row_images, dict(output_kwargs["text_kwargs"]))
+        named = [item for items in row_images for item in items]
+        if named:
+            data.update(self.image_processor(_load_images(named, remote), **output_kwargs["images_kwargs"]))
         return BatchFeature(data, tensor_type=output_kwargs["text_kwargs"].get("return_tensors"))
+
+    def _tokenize(self, texts: list[str], row_images: list[list], text_kwargs: dict) -> tuple[dict, list[list]]:
+        """
+        Tokenize the rows, check or truncate their lengths, keep the images whose spans survive truncation, then pad.
+        """
+        tokenizer = self.tokenizer
+        text_kwargs.pop("return_tensors", None)
+        padding_kwargs = {key: text_kwargs.pop(key) for key in PADDING_KWARGS if key in text_kwargs}
+        truncation = text_kwargs.pop("truncation", None)
+        truncate = truncation not in (None, False, "do_not_truncate")
+        max_length = text_kwargs.pop("max_length", None)
+        limit = max_length or tokenizer.model_max_length
+        rows = []
+        for row, sample in enumerate(texts):
+            try:
+                encoded = tokenizer(
+                    sample,
+                    padding=False,
+                    truncation=truncation if truncate else False,
+                    max_length=limit if truncate else None,
+                    return_attention_mask=padding_kwargs.get("return_attention_mask"),
+                    **text_kwargs,
+                )
+            except ValueError as error:
+                raise ValueError(f"text[{row}]: {error}") from error
+            rows.append(encoded)
+        encoding = {key: [encoded[key] for encoded in rows] for key in rows[0]}
+        for row, ids in enumerate(encoding["input_ids"]):
+            if len(ids) > limit:
+                source = f"max_length={limit}" if max_length else f"the tokenizer's model_max_length ({limit})"
+                raise ValueError(
+                    f"text[{row}] is {len(ids)} tokens long, more than {source}: shorten it, or pass truncation=True "
+                    "to cut it (image spans are kept whole or dropped with their images)."
+                )
+            images, kept = row_images[row], ids.count(tokenizer.img_start_id)
+            if kept < len(images):  # truncation removed whole image spans: drop their images too
+                right = tokenizer.truncation_side == "right"
+                row_images[row] = images[:kept] if right else images[len(images) - kept :]
+        if padding_kwargs.get("padding") == "max_length":
+            padding_kwargs["max_length"] = max_length
+        encoding = tokenizer.pad(encoding, **padding_kwargs)
+        return dict(encoding), row_images
 
     def post_process_grounding(self, text: str, image_size: tuple[int, int] | None = None) -> list[dict]:
         """Boxes (and phrases) in the generated `text`, in pixels of an image of `image_size=(width, height)`."""
@@ -114,6 +176,42 @@ class QwenVLProcessor(ProcessorMixin):
         ]
 
 
+def _check_texts(text) -> list[str]:
+    """`text` as a list of non-empty rows whose multimodal tags are well formed."""
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
+        raise TypeError(f"`text` must be a str or a list of str, got {type(text).__name__}")
+    if not texts:
+        raise ValueError("`text` is an empty list: pass at least one row of text.")
+    for row, sample in enumerate(texts):
+        if not sample:
+            raise ValueError(f"text[{row}] is empty: give every row some text (e.g. a question), or drop the row.")
+        # The tokenizer sees the NFC form, where a combining mark may have merged into a tag's '>'.
+        check_markup(unicodedata.normalize("NFC", sample), f"text[{row}]")
+    return list(texts)
+
+
+def _match_images(images, row_spans: list[list[str]]) -> list[list[tuple[str, object]]]:
+    """Pair the images with the spans, row by row: one list of `(name, image)` per row."""
+    flat = _flatten_images(images)
+    num_spans = sum(map(len, row_spans))
+    if len(flat) != num_spans:
+        raise ValueError(
+            f"Got {len(flat)} images for {num_spans} <img></img> spans in the text: pass exactly one image per span, "
+            "in order of appearance (row by row)."
+        )
+    per_row = isinstance(images, (list, tuple)) and len(images) == len(row_spans)
+    if per_row and all(isinstance(items, (list, tuple)) for items in images):  # one list per row: each must match
+        for row, (items, spans) in enumerate(zip(images, row_spans)):
+            if len(_flatten_images(items)) != len(spans):
+                raise ValueError(
+                    f"text[{row}] has {len(spans)} <img></img> spans but images[{row}] holds "
+                    f"{len(_flatten_images(items))} images: give each row one image per span, in order."
+                )
+    named = iter((f"images[{index}]", image) for index, image in enumerate(flat))
+    return [[next(named) for _ in spans] for spans in row_spans]
+
+
 def _flatten_images(images) -> list:
     """Images in order from one image or (nested per-sample) lists of them."""
     if isinstance(images, (list, tuple)):
@@ -125,19 +223,16 @@ def _flatten_images(images) -> list:
     return [images]
 
 
-def _load(image, allow_remote: bool):
-    """A path or URL becomes an RGB PIL image; other images pass through."""
-    if not isinstance(image, str):
-        return image
-    if image.startswith(("http://", "https://")):
-        if not allow_remote:
-            raise ValueError(
-                f"Image {image!r} is a URL: remote images are not fetched unless allowed. Download it and pass the "
-                "image or a local path, or pass allow_remote_images=True."
-            )
-        return load_image(image).convert("RGB")
-    with PIL.Image.open(image) as opened:
-        return opened.convert("RGB")
+def _load_images(named: list[tuple[str, object]], remote: dict) -> list:
+    """Paths and URLs become RGB PIL images, lazily opened PIL images are decoded; arrays pass through."""
+    loaded = []
+    for name, image in named:
+        if isinstance(image, str):
+            image = load_image(image, **remote)
+        elif isinstance(image, PIL.Image.Image):
+            image = decode_image(image, name)
+        loaded.append(image)
+    return loaded
 
 
 __all__ = ["QwenVLProcessor"]

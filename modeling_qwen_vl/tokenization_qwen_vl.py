@@ -3,6 +3,7 @@
 import base64
 import numbers
 import os
+import re
 import shutil
 import unicodedata
 
@@ -31,6 +32,13 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS, *REF_TAGS, *BOX_TAGS, *Q
 
 # Positions between `<img>` and `</img>`: the number of image features the model writes there.
 IMAGE_SPAN_LENGTH = 256
+# Box coordinates are integers in [0, BOX_SCALE), relative to the image size.
+BOX_SCALE = 1000
+
+# The paired tags of the multimodal markup; they do not nest.
+MARKUP_TAGS = (IMAGE_TAGS, REF_TAGS, BOX_TAGS, QUAD_TAGS)
+_MARKUP_TAG = re.compile("|".join(re.escape(tag) for tags in MARKUP_TAGS for tag in tags))
+_CLOSING_TAGS = tuple(tags[1] for tags in MARKUP_TAGS)
 
 # ChatML as used by Qwen-VL-Chat (default system message "You are a helpful assistant."). Image items become
 # "Picture N: <img>PATH</img>\n" (N counts the images of the whole conversation). An image that is not a path or URL
@@ -100,6 +108,34 @@ def load_tiktoken_ranks(vocab_file: str) -> dict[bytes, int]:
     return ranks
 
 
+def check_markup(text: str, name: str = "text") -> None:
+    """
+    Raise a `ValueError` naming `name` and the position unless every `<img>`, `<ref>`, `<box>` and `<quad>` in
+    `text` is closed by its own closing tag before any other tag opens.
+    """
+    opened = None  # (tag, position) of the open tag
+    for match in _MARKUP_TAG.finditer(text):
+        tag, position = match.group(), match.start()
+        if opened is None and tag in _CLOSING_TAGS:
+            raise ValueError(
+                f"{name}: {tag} at character {position} closes nothing; remove it or add {'<' + tag[2:]} before it."
+            )
+        if opened is None:
+            opened = (tag, position)
+        elif tag == "</" + opened[0][1:]:
+            opened = None
+        else:
+            raise ValueError(
+                f"{name}: {tag} at character {position} is inside {opened[0]} (opened at character {opened[1]}); "
+                f"tags do not nest: close {opened[0]} with {'</' + opened[0][1:]} first."
+            )
+    if opened is not None:
+        raise ValueError(
+            f"{name}: {opened[0]} at character {opened[1]} is never closed; add {'</' + opened[0][1:]} after its "
+            "content."
+        )
+
+
 class QwenVLTokenizer(PreTrainedTokenizer):
     """
     Qwen-VL tokenizer: byte-level BPE (tiktoken) over the ranks of a `qwen.tiktoken` file, followed by the special
@@ -108,7 +144,9 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     format works). Special tokens written in text are recognised.
 
     An image span `<img>PATH</img>` always encodes to 258 ids: `<img>`, the UTF-8 bytes of PATH used as ids,
-    `<imgpad>` up to 256 ids, `</img>`. The model replaces the 256 inner positions by image features.
+    `<imgpad>` up to 256 ids, `</img>`. The model replaces the 256 inner positions by image features. Unclosed or
+    nested image spans, a `</img>` without `<img>`, paths over 256 bytes and truncation through a span raise a
+    `ValueError`. Encoding and decoding touch neither files nor the network.
 
     Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding.
 
@@ -210,18 +248,34 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         """NFC-normalise, BPE-encode and lay out every `<img>...</img>` span as 258 ids."""
         text = unicodedata.normalize("NFC", text)
         ids = self.encoding.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
-        if self.img_start_id not in ids:
+        if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []
         position = 0
-        while (start := _find(ids, self.img_start_id, position)) != -1:
+        while True:
+            start = _find(ids, self.img_start_id, position)
+            stray = _find(ids, self.img_end_id, position)
+            if stray != -1 and (start == -1 or stray < start):
+                raise ValueError(
+                    f"{IMAGE_TAGS[1]} without {IMAGE_TAGS[0]} in {text[:200]!r}: open each image span with "
+                    f"{IMAGE_TAGS[0]}, or pass split_special_tokens=True to encode tags as plain text"
+                )
+            if start == -1:
+                break
             end = _find(ids, self.img_end_id, start + 1)
             if end == -1:
                 raise ValueError(
                     f"Unclosed {IMAGE_TAGS[0]} in {text[:200]!r}: close each image span with {IMAGE_TAGS[1]}"
                 )
             # `<imgpad>` already inside the span is padding, so re-encoding decoded tokens gives the same ids.
-            content = self.encoding.decode_bytes([i for i in ids[start + 1 : end] if i != self.img_pad_id])
+            inner = [i for i in ids[start + 1 : end] if i != self.img_pad_id]
+            nested = [SPECIAL_TOKENS[i - self.eod_id] for i in inner if i >= self.eod_id]
+            if nested:
+                raise ValueError(
+                    f"Image span in {text[:200]!r} contains {nested[0]}: an image span holds only a path; close it "
+                    f"with {IMAGE_TAGS[1]} before other tags"
+                )
+            content = self.encoding.decode_bytes(inner)
             if len(content) > IMAGE_SPAN_LENGTH:
                 raise ValueError(
                     f"Image path {content.decode('utf-8', 'replace')[:60]!r}... is {len(content)} bytes long; an "
@@ -233,6 +287,28 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             output += [self.img_pad_id] * (IMAGE_SPAN_LENGTH - len(content)) + [self.img_end_id]
             position = end + 1
         return output + ids[position:]
+
+    def truncate_sequences(
+        self,
+        ids: list[int],
+        pair_ids: list[int] | None = None,
+        num_tokens_to_remove: int = 0,
+        truncation_strategy: str = "longest_first",
+        stride: int = 0,
+    ) -> tuple[list[int], list[int] | None, list[int]]:
+        """Truncate as usual, but raise instead of cutting through an image span (its 258 ids belong together)."""
+        ids, pair_ids, overflowing_tokens = super().truncate_sequences(
+            ids, pair_ids, num_tokens_to_remove, truncation_strategy, stride
+        )
+        for kept in (ids, pair_ids or []):
+            starts = [i for i, token_id in enumerate(kept) if token_id == self.img_start_id]
+            ends = [i for i, token_id in enumerate(kept) if token_id == self.img_end_id]
+            if len(starts) != len(ends) or any(e - s != IMAGE_SPAN_LENGTH + 1 for s, e in zip(starts, ends)):
+                raise ValueError(
+                    f"Truncation to max_length would cut through an image span ({IMAGE_SPAN_LENGTH + 2} tokens that "
+                    "belong together): raise max_length or shorten the text so that the cut falls outside the image"
+                )
+        return ids, pair_ids, overflowing_tokens
 
     def _convert_token_to_id(self, token: str) -> int:
         if token not in self._token_to_id:
@@ -330,35 +406,59 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         Build a query from official list-format elements: `{"image": path}` -> `Picture N:<img>path</img>\\n`
         (N from 1), `{"text": t}` -> t, `{"ref": r, "box": [[x1, y1, x2, y2], ...]}` ->
         `<ref>r</ref><box>(x1,y1),(x2,y2)</box>` per box (`ref` and `box` may each appear alone).
+
+        Raises a `ValueError` naming the element for: a path over 256 bytes, markup tags in a path or ref, unclosed or
+        nested tags in a text, a box that is not 4 integers in [0, 1000) with x1 <= x2 and y1 <= y2, and a value
+        starting with a combining mark that NFC would merge into the preceding tag.
         """
         if not isinstance(list_format, (list, tuple)):
             raise TypeError(f"list_format must be a list of dicts, got {type(list_format).__name__}")
         text = ""
         num_images = 0
-        for element in list_format:
+        for index, element in enumerate(list_format):
+            name = f"list_format[{index}]"
             if not isinstance(element, dict):
-                raise TypeError(f"list_format elements must be dicts, got {type(element).__name__}: {element!r}")
+                raise TypeError(f"{name} must be a dict, got {type(element).__name__}: {element!r}")
             keys = set(element)
             if not all(isinstance(element[key], str) for key in keys & {"image", "text", "ref"}):
-                raise TypeError(f"'image', 'text' and 'ref' values must be str, got {element!r}")
+                raise TypeError(f"{name}: 'image', 'text' and 'ref' values must be str, got {element!r}")
             if keys == {"image"}:
+                path = element["image"]
+                _check_plain(path, f"{name}['image']")
+                if len(path.encode()) > IMAGE_SPAN_LENGTH:
+                    raise ValueError(
+                        f"{name}: image path {path[:60]!r}... is {len(path.encode())} bytes long, more than the "
+                        f"{IMAGE_SPAN_LENGTH} an image span holds: use a shorter path"
+                    )
                 num_images += 1
-                text += f"Picture {num_images}:{IMAGE_TAGS[0]}{element['image']}{IMAGE_TAGS[1]}\n"
+                text += f"Picture {num_images}:{IMAGE_TAGS[0]}{path}{IMAGE_TAGS[1]}\n"
             elif keys == {"text"}:
+                check_markup(unicodedata.normalize("NFC", element["text"]), f"{name}['text']")
+                if text.endswith(_CLOSING_TAGS):
+                    _check_after_tag(element["text"], f"{name}['text']")
                 text += element["text"]
             elif keys and keys <= {"ref", "box"}:
                 if "ref" in element:
+                    _check_plain(element["ref"], f"{name}['ref']")
                     text += REF_TAGS[0] + element["ref"] + REF_TAGS[1]
                 boxes = element.get("box", [])
                 if not isinstance(boxes, (list, tuple)) or not all(_is_box(box) for box in boxes):
                     raise ValueError(
-                        f"'box' must be a list of boxes [x1, y1, x2, y2], each 4 integers in [0, 1000), got {boxes!r}"
+                        f"{name}: 'box' must be a list of boxes [x1, y1, x2, y2], each 4 integers in [0, "
+                        f"{BOX_SCALE}), got {boxes!r}"
                     )
                 for box in boxes:
-                    text += BOX_TAGS[0] + "({},{}),({},{})".format(*(int(v) for v in box)) + BOX_TAGS[1]
+                    x1, y1, x2, y2 = (int(v) for v in box)
+                    if not (0 <= x1 <= x2 < BOX_SCALE and 0 <= y1 <= y2 < BOX_SCALE):
+                        raise ValueError(
+                            f"{name}: box {list(box)!r} must be the top-left then bottom-right corner, integers in "
+                            f"[0, {BOX_SCALE}) with x1 <= x2 and y1 <= y2 (relative to the image size: "
+                            "grounding_qwen_vl.box_to_text converts pixels)"
+                        )
+                    text += BOX_TAGS[0] + f"({x1},{y1}),({x2},{y2})" + BOX_TAGS[1]
             else:
                 raise ValueError(
-                    f"Unsupported list_format element {element!r}: use {{'image': path}}, {{'text': text}} or "
+                    f"Unsupported list_format element {name} = {element!r}: use {{'image': path}}, {{'text': text}} or "
                     "{'ref': phrase, 'box': [[x1, y1, x2, y2], ...]}"
                 )
         return text
@@ -366,7 +466,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     def to_list_format(self, text: str) -> list[dict[str, str]]:
         """
         Split text at closed `<img>`, `<ref>`, `<box>`, `<quad>` pairs into `{"image"|"ref"|"box"|"quad": content}`
-        elements, the text between them into `{"text": ...}` elements (inverse of `from_list_format`'s markup).
+        elements, the text between them into `{"text": ...}` elements, as the official helper does (lenient: tags
+        are not validated, box contents stay strings). It inverts `from_list_format` up to that helper's markup: an
+        image comes back as `{"text": "Picture N:"}, {"image": path}, {"text": "\\n"}` (texts merged with their
+        neighbours), a box as its string `"(x1,y1),(x2,y2)"`, and texts in NFC.
         """
         if not isinstance(text, str):
             raise TypeError(f"to_list_format expects a str, got {type(text).__name__}")
@@ -407,3 +510,19 @@ def _is_box(box) -> bool:
         and len(box) == 4
         and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
     )
+
+
+def _check_plain(value: str, name: str) -> None:
+    """A path or ref may hold no multimodal tag, nor start with a mark that NFC merges into the tag before it."""
+    if match := _MARKUP_TAG.search(value):
+        raise ValueError(f"{name} contains the tag {match.group()}: remove it (tags cannot appear inside {name})")
+    _check_after_tag(value, name)
+
+
+def _check_after_tag(value: str, name: str) -> None:
+    """`value` follows a tag's '>': NFC must not merge its first characters into that '>' (e.g. U+0338 gives U+226F)."""
+    if value and unicodedata.normalize("NFC", ">" + value)[0] != ">":
+        raise ValueError(
+            f"{name} starts with {value[0]!r}, which Unicode normalisation (NFC) merges into the '>' of the tag before "
+            "it, breaking the markup: start it with another character (e.g. a space)"
+        )
