@@ -166,6 +166,47 @@ class QwenVLProcessor(ProcessorMixin):
         """A copy of `image` with the boxes of the generated `text` drawn and labelled."""
         return draw_grounding(image, text, **kwargs)
 
+    def ground(
+        self,
+        model,
+        image,
+        phrase: str,
+        *,
+        prompt: str | None = None,
+        save_to: str | None = None,
+        max_new_tokens: int = 48,
+        **generate_kwargs,
+    ) -> list[dict]:
+        """Locate the referring expression `phrase` in `image` with `model`.
+
+        Returns `[{"phrase": str, "box": (x1, y1, x2, y2)}]` in pixels of `image` (empty when the model writes no
+        box), and with `save_to` also saves a copy of the image with the boxes drawn. A chat model (generation config
+        `chat_format: chatml`) is asked `prompt` (default `"Where is {phrase}?"`) in ChatML; a pre-trained model
+        continues the official referring-expression prompt `<img></img><ref>{phrase}</ref>`. Decoding is greedy
+        unless `generate_kwargs` say otherwise.
+        """
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ValueError("`phrase` must be a non-empty string naming what to locate, e.g. 'the red car'.")
+        image = load_image(image) if isinstance(image, str) else image
+        if getattr(model.generation_config, "chat_format", None) == "chatml":
+            question = (prompt or "Where is {phrase}?").format(phrase=phrase)
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text, prefix = self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), ""
+        else:
+            prefix = f"<ref>{phrase}</ref>"
+            text = (prompt or "<img></img>{ref}").format(ref=prefix, phrase=phrase)
+        inputs = self(text=text, images=[image], return_tensors="pt").to(model.device)
+        generate_kwargs.setdefault("do_sample", False)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        answer = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        boxes = [
+            {"phrase": found["phrase"] or phrase, "box": found["box"]}
+            for found in parse_grounding(prefix + answer, getattr(image, "size", None))
+        ]
+        if save_to is not None:
+            draw_grounding(image, boxes).save(save_to)
+        return boxes
+
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the sub-processors with their own classes, so no Auto-class registration is needed."""

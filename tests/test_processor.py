@@ -136,3 +136,28 @@ def test_save_load_round_trip(processor, images, vocab_file, tmp_path):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+def test_ground_returns_pixel_boxes_and_saves_a_picture(tiny_model_factory, tiny_processor, tmp_path):
+    """`ground` asks the model, parses `<box>` in its answer into pixels, and draws them; the model here is forced to
+    answer with a known box so the parsing and scaling are checked exactly."""
+    from PIL import Image
+
+    model = tiny_model_factory().eval()
+    tok = tiny_processor.tokenizer
+    answer = tok("<box>(100,200),(500,600)</box>", add_special_tokens=False)["input_ids"] + [tok.eod_id]
+    calls = []
+
+    def scripted_generate(**kwargs):
+        calls.append(kwargs)
+        return torch.cat([kwargs["input_ids"], torch.tensor([answer])], dim=1)
+
+    model.generate = scripted_generate
+    image = Image.new("RGB", (200, 100), "white")
+    boxes = tiny_processor.ground(model, image, "the dog", save_to=tmp_path / "boxes.png")
+    assert boxes == [{"phrase": "the dog", "box": (20.0, 20.0, 100.0, 60.0)}]
+    assert tok.decode(calls[0]["input_ids"][0]).endswith("<ref>the dog</ref>")
+    drawn = Image.open(tmp_path / "boxes.png")
+    assert drawn.size == image.size and drawn.getpixel((20, 40)) != (255, 255, 255)
+    with pytest.raises(ValueError, match="phrase"):
+        tiny_processor.ground(model, image, "  ")
