@@ -1,0 +1,313 @@
+"""Recipes end to end on a tiny model: frozen groups per stage, stage chaining, overfitting, LoRA, resume, configs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import qwen_vl_cli
+from recipes.freezing import STAGE_TRAINABLE_GROUPS, parameter_group
+from recipes.train import ModelArguments, load_model, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIGS = ROOT / "recipes" / "configs" / "tiny"
+
+
+def write_tiny_checkpoint(path, model_factory, processor) -> Path:
+    model = model_factory()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
+def write_tiny_data(root: Path) -> dict[str, Path]:
+    """Images plus one data file per stage; every SFT dialogue but one (text only) shows an image."""
+    (root / "images").mkdir(parents=True)
+    for i in range(6):
+        PIL.Image.new("RGB", (40, 32), (40 * i, 200 - 30 * i, 90)).save(root / "images" / f"{i}.png")
+    captions = [
+        {"image": f"images/{i}.png", "caption": ["hello world", "hell or", "world or hello"][i % 3]} for i in range(6)
+    ]
+    multitask = [
+        {"task": "caption", "image": "images/0.png", "caption": "hello world"},
+        {"task": "vqa", "image": "images/1.png", "question": "what?", "answer": "hello"},
+        {"task": "grounding", "image": "images/2.png", "caption": "<ref>hello</ref><box>(1,2),(300,400)</box> world"},
+        {"task": "ref", "image": "images/3.png", "phrase": "the world", "box": [10, 20, 500, 600]},
+        {"task": "grounded_caption", "image": "images/4.png", "phrase": "hello", "box": [0, 0, 999, 999]},
+        {"task": "ocr", "image": "images/5.png", "text": "HELLO"},
+        {"task": "text", "text": "hello world, hello world"},
+        {"task": "caption", "image": "images/5.png", "caption": "world"},
+    ]
+    sft = [
+        {
+            "id": str(i),
+            "conversations": [
+                {"from": "user", "value": f"Picture 1: <img>images/{i}.png</img>\nwhat is {i}?"},
+                {"from": "assistant", "value": ["hello world", "world hello", "hell or"][i % 3]},
+            ],
+        }
+        for i in range(5)
+    ]
+    sft.append(
+        {
+            "id": "two",
+            "conversations": [
+                {
+                    "from": "user",
+                    "value": "Picture 1: <img>images/0.png</img>\nPicture 2: <img>images/1.png</img>\nsame?",
+                },
+                {"from": "assistant", "value": "no"},
+                {"from": "user", "value": "sure?"},
+                {"from": "assistant", "value": "hello"},
+            ],
+        }
+    )
+    sft.append(
+        {"id": "text", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
+    )
+    sft.append(
+        {
+            "id": "bad",
+            "conversations": [
+                {"from": "user", "value": "Picture 1: <img>images/missing.png</img>\nhi"},
+                {"from": "assistant", "value": "x"},
+            ],
+        }
+    )
+    files = {"pretrain": root / "captions.jsonl", "multitask": root / "multitask.jsonl", "sft": root / "sft.json"}
+    files["pretrain"].write_text("\n".join(json.dumps(r) for r in captions))
+    files["multitask"].write_text("\n".join(json.dumps(r) for r in multitask))
+    files["sft"].write_text(json.dumps(sft))
+    return files
+
+
+def train(stage: str, model: Path, data: Path, output_dir: Path, *flags: str):
+    return run(
+        [
+            stage,
+            "--config",
+            str(TINY_CONFIGS / f"{stage}.yaml"),
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--image_root",
+            str(data.parent),
+            "--output_dir",
+            str(output_dir),
+            *flags,
+        ]
+    )
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_factory, tiny_processor):
+    model = write_tiny_checkpoint(tmp_path / "init", tiny_model_factory, tiny_processor)
+    return model, write_tiny_data(tmp_path / "data"), tmp_path
+
+
+def changed_groups(before: dict, after: dict) -> dict[str, set[bool]]:
+    """For each parameter group, whether each of its tensors changed (buffers such as pos_embed excluded)."""
+    assert before.keys() == after.keys()
+    result = {}
+    for name, tensor in before.items():
+        if name.endswith("pos_embed"):
+            assert torch.equal(tensor, after[name])  # a fixed buffer, never trained
+            continue
+        result.setdefault(parameter_group(name), set()).add(not torch.equal(tensor, after[name]))
+    return result
+
+
+def test_stages_train_exactly_their_groups_and_chain(workspace):
+    """pretrain -> multitask -> sft, each starting from the previous output directory."""
+    model, data, tmp_path = workspace
+    for stage in ("pretrain", "multitask", "sft"):
+        output_dir = tmp_path / stage
+        trainer = train(stage, model, data[stage], output_dir, "--max_steps", "2")
+        groups = changed_groups(load_file(model / "model.safetensors"), load_file(output_dir / "model.safetensors"))
+        expected = {group: {group in STAGE_TRAINABLE_GROUPS[stage]} for group in ("vit", "adapter", "llm")}
+        assert groups == expected, stage
+        config = json.loads((output_dir / "config.json").read_text())
+        processor_config = json.loads((output_dir / "processor_config.json").read_text())
+        size = 28 if stage == "pretrain" else 56
+        assert config["visual"]["image_size"] == size and config["use_cache"] is True
+        assert processor_config["image_processor"]["size"] == {"height": size, "width": size}
+        assert "AutoModelForCausalLM" in config["auto_map"] and (output_dir / "modeling_qwen_vl.py").is_file()
+        assert (output_dir / "qwen.tiktoken").is_file()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+        model = output_dir
+    results = json.loads((tmp_path / "sft" / "train_results.json").read_text())
+    assert results["skipped_records"] >= 0 and trainer.data_collator.skipped.keys() <= {"missing_image"}
+
+
+def test_loss_falls_when_overfitting(workspace):
+    model, data, tmp_path = workspace
+    subset = data["sft"].with_name("two.json")
+    subset.write_text(json.dumps(json.loads(data["sft"].read_text())[:2]))
+    trainer = train("sft", model, subset, tmp_path / "out", "--max_steps", "8", "--learning_rate", "3e-3")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_lora_trains_only_adapter_weights_and_merges_to_official_names(workspace):
+    model, data, tmp_path = workspace
+    output_dir = tmp_path / "lora"
+    trainer = train(
+        "sft",
+        model,
+        data["sft"],
+        output_dir,
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_dropout",
+        "0",
+        "--merge_lora",
+    )
+    peft_model = trainer.model
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("transformer.h.0.mlp.c_proj.lora_A" in name for name in trainable)
+    assert not any("visual" in name for name in trainable)  # the ViT's mlp.c_proj is not a target
+    assert (output_dir / "adapter_config.json").is_file() and (output_dir / "adapter_model.safetensors").is_file()
+    assert not (output_dir / "model.safetensors").exists()
+
+    initial = load_file(model / "model.safetensors")
+    merged = load_file(output_dir / "merged" / "model.safetensors")
+    assert merged.keys() == initial.keys()  # official names: no base_model./lora_ prefixes
+    targets = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.w1.weight", ".mlp.w2.weight", ".mlp.c_proj.weight")
+    for name in initial:
+        is_target = name.startswith("transformer.h.") and name.endswith(targets)
+        assert torch.equal(initial[name], merged[name]) != is_target, name
+
+    reloaded = load_model(ModelArguments(model_name_or_path=str(output_dir)))  # an adapter dir loads merged
+    assert all(torch.equal(reloaded.state_dict()[name], merged[name]) for name in merged)
+    inputs = {"input_ids": torch.tensor([[104, 101, 108, 108, 111, 32, 119]])}
+    peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, peft_model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_qlora_needs_a_gpu(workspace):
+    model, data, tmp_path = workspace
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train("sft", model, data["sft"], tmp_path / "q", "--use_peft", "--load_in_4bit")
+
+
+def test_resume_gives_identical_weights(workspace):
+    model, data, tmp_path = workspace
+    flags = ("--max_steps", "3", "--save_strategy", "steps", "--save_steps", "2")
+    full = train("sft", model, data["sft"], tmp_path / "full", *flags)
+    resumed = train(
+        "sft",
+        model,
+        data["sft"],
+        tmp_path / "resumed",
+        *flags,
+        "--resume_from_checkpoint",
+        str(tmp_path / "full" / "checkpoint-2"),
+    )
+    expected, actual = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (full, resumed)]
+    assert losses[1] == losses[0]  # steps 1-2 restored from the checkpoint's state, 3 recomputed
+
+
+def test_cli_registration_and_configs():
+    assert qwen_vl_cli.main(["train", "--help"]) == 0
+    from transformers import TrainingArguments
+    from trl import TrlParser
+
+    from recipes.train import RecipeArguments
+
+    for path in sorted((ROOT / "recipes" / "configs").rglob("*.yaml")):  # every key is a known option
+        parser = TrlParser((ModelArguments, RecipeArguments, TrainingArguments))
+        flags = ["--model", "m", "--output_dir", "o", "--bf16", "false"]  # flags override the file
+        model_args, _, training = parser.parse_args_and_config(["--config", str(path), *flags])
+        assert model_args.model_name_or_path == "m" and training.output_dir == "o" and not training.bf16
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    shipped = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"ddp", "fsdp", "zero2", "zero3"}
+    for path in shipped:
+        assert load_config_from_file(str(path)).distributed_type is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(workspace):
+    """`accelerate launch` with the shipped DDP config, 2 CPU processes (gloo) x 2 examples = 1 process x 4."""
+    model, data, tmp_path = workspace
+    records = [r for r in json.loads(data["sft"].read_text()) if r["id"] != "bad"]
+    dataset = data["sft"].with_name("eight.json")
+    dataset.write_text(json.dumps(records + records[: 8 - len(records)]))  # 2 global batches per epoch
+    flags = ("--max_steps", "3")  # crosses an epoch boundary: both runs reshuffle alike
+    single = train("sft", model, dataset, tmp_path / "single", *flags, "--per_device_train_batch_size", "4")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "-m",
+        "recipes.train",
+        "sft",
+        "--config",
+        str(TINY_CONFIGS / "sft.yaml"),
+        "--model",
+        str(model),
+        "--data",
+        str(dataset),
+        "--image_root",
+        str(dataset.parent),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        "--per_device_train_batch_size",
+        "2",
+        *flags,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2 and state["log_history"][0]["epoch"] == 0.5  # global batch 4: 2 processes
+    losses = [
+        [e["loss"] for e in history if "loss" in e] for history in (single.state.log_history, state["log_history"])
+    ]
+    assert len(losses[1]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-5)
+    expected, actual = (
+        load_file(tmp_path / "single" / "model.safetensors"),
+        load_file(tmp_path / "ddp" / "model.safetensors"),
+    )
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5)
