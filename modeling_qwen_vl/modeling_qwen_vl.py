@@ -18,6 +18,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_qwen_vl import QwenVLConfig
@@ -154,6 +155,36 @@ class QwenVLVisionEncoder(nn.Module):
         return hidden_states
 
 
+class QwenVLAdapterAttention(nn.MultiheadAttention):
+    """The adapter's cross-attention: `nn.MultiheadAttention` weights (stacked `in_proj`, `out_proj`), computed with
+    the configured attention implementation.
+
+    `out_proj` is called as a module, so accelerate's offloading hooks (`device_map` with cpu/disk offload) load its
+    weights; plain `nn.MultiheadAttention` reads `out_proj.weight` directly and would find it on the meta device.
+    """
+
+    def __init__(self, config: QwenVLConfig):
+        embed_dim = config.visual["output_dim"]
+        super().__init__(embed_dim, embed_dim // 128, batch_first=True)
+        self.config = config
+        self.is_causal = False
+        self.scaling = self.head_dim**-0.5
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query [batch, q_len, dim], key/value [batch, kv_len, dim] -> [batch, q_len, dim]."""
+        batch = query.shape[0]
+
+        def project(x: torch.Tensor, index: int) -> torch.Tensor:
+            rows = slice(index * self.embed_dim, (index + 1) * self.embed_dim)
+            x = F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
+            return x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        attn_output, _ = _attention_interface(self.config)(
+            self, project(query, 0), project(key, 1), project(value, 2), None, scaling=self.scaling, dropout=0.0
+        )
+        return self.out_proj(attn_output.reshape(batch, query.shape[1], self.embed_dim))
+
+
 class QwenVLVisionAdapter(nn.Module):
     """Position-aware adapter: `n_queries` learned queries cross-attend to the patch features.
 
@@ -164,9 +195,12 @@ class QwenVLVisionAdapter(nn.Module):
         super().__init__()
         embed_dim, n_queries = config.visual["output_dim"], config.visual["n_queries"]
         self.query = nn.Parameter(torch.empty(n_queries, embed_dim))
-        self.register_buffer("pos_embed", sincos_2d_table(embed_dim, int(math.sqrt(n_queries))), persistent=True)
+        # In the model's dtype, like the other weights: loading in bfloat16 then casts it instead of keeping a view of
+        # the float32 checkpoint (which would pin the whole memory-mapped file) and mixing dtypes in `attn`.
+        table = sincos_2d_table(embed_dim, int(math.sqrt(n_queries))).to(torch.get_default_dtype())
+        self.register_buffer("pos_embed", table, persistent=True)
         self.kv_proj = nn.Linear(config.visual["width"], embed_dim, bias=False)
-        self.attn = nn.MultiheadAttention(embed_dim, embed_dim // 128, batch_first=True)
+        self.attn = QwenVLAdapterAttention(config)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -175,7 +209,7 @@ class QwenVLVisionAdapter(nn.Module):
         key_pos = resize_grid_embedding(self.pos_embed, patch_features.shape[1])
         value = self.ln_kv(self.kv_proj(patch_features))
         query = (self.ln_q(self.query) + self.pos_embed).expand(patch_features.shape[0], -1, -1)
-        return self.attn(query, value + key_pos, value, need_weights=False)[0]
+        return self.attn(query, value + key_pos, value)
 
 
 class QwenVLVisionTransformer(nn.Module):
@@ -250,8 +284,8 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot.type_as(x), x_pass), dim=-1)
+    x_rot = (x_rot * cos + rotate_half(x_rot) * sin).type_as(x)
+    return x_rot if rot_dim == x.shape[-1] else torch.cat((x_rot, x_pass), dim=-1)  # rotary_pct 1: no copy
 
 
 def dynamic_ntk_alpha(seq_len: int, trained_len: int) -> float:
@@ -445,13 +479,30 @@ class QwenVLModel(QwenVLPreTrainedModel):
         features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
-    def _is_left_padded_prefill(self, attention_mask: torch.Tensor | None, past_length: int, query_length: int) -> bool:
+    @staticmethod
+    def _is_prefill(cache: Cache | None) -> bool:
+        """True without a cache or with an empty one: only then are images encoded and the dynamic-NTK alpha chosen.
+
+        Compilable caches (`StaticCache`) count their tokens on device. Reading that count inside `torch.compile`
+        would break the graph, so a compiled call takes such a cache as empty until this model has stored its alpha on
+        it (`generate` builds a new cache per call and compiles decoding steps only, never the prefill).
+        """
+        if cache is None:
+            return True
+        past_length = cache.get_seq_length()
+        if not isinstance(past_length, torch.Tensor):
+            return past_length == 0
+        if is_torchdynamo_compiling():
+            return not hasattr(cache, "qwen_ntk_alpha")
+        return not bool(past_length)
+
+    def _is_left_padded_prefill(self, attention_mask: torch.Tensor | None, is_prefill: bool, query_length: int) -> bool:
         """A left-padded uncached batch under eager/sdpa: use `official_padding_mask` so every position, padding
         included, gets the official output. Otherwise the standard causal mask already gives the official results."""
         return (
-            attention_mask is not None
+            is_prefill
+            and attention_mask is not None
             and attention_mask.ndim == 2
-            and past_length == 0
             and attention_mask.shape[-1] == query_length
             and self.config._attn_implementation in ("eager", "sdpa")
             and not bool(attention_mask[:, 0].all())
@@ -478,29 +529,32 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
 
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length == 0:  # prefill: images are encoded only here
+        # Decoding steps skip everything data-dependent (image splicing, alpha choice), so they compile as one graph.
+        is_prefill = self._is_prefill(cache)
+        if is_prefill:  # images are encoded only here
             inputs_embeds = self._splice_images(input_ids, inputs_embeds, pixel_values)
 
         query_length = inputs_embeds.shape[1]
         if position_ids is None:  # official: positions count padding too (`generate` passes padding-aware ones)
-            position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
+            past_length = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(query_length, device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
 
-        # Dynamic NTK and log-n scaling extend the context at inference only; decoding reuses the prefill's alpha.
+        # Dynamic NTK and log-n scaling extend the context at inference only; decoding reuses the prefill's alpha,
+        # which every prefill stores on the cache (it also marks the cache as filled, see `_is_prefill`).
         ntk_alpha, logn_scale = 1.0, None
-        if not self.training:
-            if self.config.use_dynamic_ntk:
-                if past_length == 0:
-                    ntk_alpha = dynamic_ntk_alpha(query_length, self.config.seq_length)
-                    if cache is not None:
-                        cache.qwen_ntk_alpha = ntk_alpha
-                else:
-                    ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
-            if self.config.use_logn_attn:
-                logn_scale = logn_attention_scale(position_ids, self.config.seq_length)
+        use_ntk = self.config.use_dynamic_ntk and not self.training
+        if is_prefill:
+            if use_ntk:
+                ntk_alpha = dynamic_ntk_alpha(query_length, self.config.seq_length)
+            if cache is not None:
+                cache.qwen_ntk_alpha = ntk_alpha
+        elif use_ntk:
+            ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
+        if self.config.use_logn_attn and not self.training:
+            logn_scale = logn_attention_scale(position_ids, self.config.seq_length)
 
-        official_padding = self._is_left_padded_prefill(attention_mask, past_length, query_length)
+        official_padding = self._is_left_padded_prefill(attention_mask, is_prefill, query_length)
         # sdpa kernels lose precision in the backward pass on rows of `min` scores: train such batches with eager math.
         force_eager_attention = official_padding and self.training
         if official_padding:

@@ -1,0 +1,569 @@
+"""Speed and memory of Qwen-VL on a ~100M-parameter config with the real 448px / 1024-patch / 256-query geometry.
+
+Every variant (attention implementation, static KV cache, torch.compile) runs in the same process, interleaved round by
+round, and is reported as a ratio to eager, so comparisons survive a noisy machine. Times are medians after warm-up.
+Prints one table and writes it, with the machine it ran on, to `benchmarks/RESULTS.md` (one section per device, dtype
+and `--quick` setting; the other sections are kept).
+
+    python benchmarks/run.py [--device cpu|cuda] [--dtype float32|bfloat16] [--quick] [--no-compile]
+"""
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers.utils import is_flash_attn_2_available
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+# ~100M parameters: Qwen-VL's image geometry (448px, patch 14 -> 1024 patches, 256 queries) with narrow towers.
+SMALL_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=12,
+    kv_channels=64,
+    intermediate_size=4096,
+    visual=dict(image_size=448, patch_size=14, width=512, layers=6, heads=8, mlp_ratio=4.0, output_dim=768, image_start_id=31000),
+)
+PROMPT_TEXT_TOKENS = 32
+BATCH_TEXT_TOKENS = [32, 29, 26, 23, 20, 17, 14, 11]  # the 8 prompts of batched decoding (left-padded)
+
+# Dense bf16 tensor-core peak (FLOP/s) by GPU name, for model FLOPs utilisation; the first matching key wins.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+MFU_TARGET = 0.35
+
+
+@dataclass
+class Settings:
+    warmup: int  # untimed calls per variant before timing (compilation happens here)
+    rounds: int  # timed rounds; each round runs every variant once, in turn
+    vision_batch: int
+    new_tokens: int
+    train_batch: int
+    train_seq_len: int
+    train_images: int  # images per packed training sequence
+    compile: bool
+    memory_seq_len: int = 0  # CPU only: also profile training memory at this packed length (0: skip)
+    memory_images: int = 0
+
+
+def settings_for(device: str, quick: bool, use_compile: bool) -> Settings:
+    if device == "cuda":
+        return Settings(2, 3 if quick else 10, 16, 16 if quick else 64, 8, 2048, 4, use_compile)
+    if quick:
+        return Settings(1, 3, 2, 8, 1, 320, 1, False)
+    return Settings(1, 3, 4, 24, 1, 512, 1, use_compile, memory_seq_len=2048, memory_images=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def image_span(config: QwenVLConfig) -> list[int]:
+    return [config.image_start_id] + [config.image_pad_id] * config.visual["n_queries"] + [config.image_end_id]
+
+
+def random_text(n: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(10, 30000, (n,), generator=generator).tolist()
+
+
+def prompts(config: QwenVLConfig, text_lengths: list[int], generator: torch.Generator, images: bool = True) -> dict:
+    """Left-padded rows, each an image span followed by random text; with `images=False` random text fills the span's
+    positions instead (same lengths, no vision work)."""
+    span = len(image_span(config))
+    rows = [image_span(config) + random_text(n, generator) if images else random_text(span + n, generator) for n in text_lengths]
+    width = max(map(len, rows))
+    batch = {
+        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+    }
+    if images:
+        size = config.visual["image_size"]
+        batch["pixel_values"] = torch.randn(len(rows), 3, size, size, generator=generator)
+    return batch
+
+
+def training_batch(config: QwenVLConfig, settings: Settings, generator: torch.Generator) -> dict:
+    """Multitask-stage packed sequences: image spans and text interleaved up to `train_seq_len` tokens per row; labels
+    ignore the image slots and `</img>`, as the official data pipeline does."""
+    span, images = image_span(config), settings.train_images
+    chunk = settings.train_seq_len // images
+    rows = []
+    for _ in range(settings.train_batch):
+        row = []
+        for _ in range(images):
+            row += span + random_text(chunk - len(span), generator)
+        rows.append(row + random_text(settings.train_seq_len - len(row), generator))
+    input_ids = torch.tensor(rows)
+    inside = (input_ids == config.image_start_id).cumsum(-1) > (input_ids == config.image_end_id).cumsum(-1)
+    size = config.visual["image_size"]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": input_ids.masked_fill(inside | (input_ids == config.image_end_id), -100),
+        "pixel_values": torch.randn(settings.train_batch * images, 3, size, size, generator=generator),
+    }
+
+
+def to_device(batch: dict, device: str, dtype: torch.dtype) -> dict:
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing, memory, FLOPs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(calls: dict[str, Callable], warmup: int, rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per call of every variant: `warmup` untimed calls each, then `rounds` rounds that run each
+    variant once in turn. A call may return its own duration (a float) instead of being timed whole."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            result = call()
+            synchronize(device)
+            times[name].append(result if isinstance(result, float) else time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cpu_step_peak_bytes(step: Callable) -> int:
+    """Peak bytes of CPU tensors alive during `step` above those alive before it.
+
+    Replays the allocations and frees that `torch.profiler` records, in time order (operator granularity: memory that
+    one operator allocates and frees internally is not seen)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def vision_forward_flops(config: QwenVLConfig) -> float:
+    """Forward FLOPs of the vision tower and adapter for one image (matmuls, 2 per multiply-add)."""
+    v = config.visual
+    patches, width, dim, queries = (v["image_size"] // v["patch_size"]) ** 2, v["width"], v["output_dim"], v["n_queries"]
+    mlp = int(width * v["mlp_ratio"])
+    per_layer = 2 * patches * (4 * width * width + 2 * width * mlp) + 4 * patches * patches * width
+    vit = 2 * patches * 3 * v["patch_size"] ** 2 * width + v["layers"] * per_layer
+    adapter = (
+        2 * patches * width * dim  # kv_proj
+        + 2 * queries * dim * dim * 3  # query and output projections, final `proj`
+        + 2 * patches * dim * dim * 2  # key and value projections
+        + 4 * queries * patches * dim  # attention
+    )
+    return vit + adapter
+
+
+def lm_forward_flops(config: QwenVLConfig, tokens: int) -> float:
+    """Forward FLOPs of the language model on one causal sequence (attention counted for its causal half)."""
+    d = config.hidden_size
+    per_token = 2 * (4 * d * d + 3 * d * config.intermediate_size // 2) * config.num_hidden_layers
+    attention = 2 * tokens * tokens * d * config.num_hidden_layers
+    return tokens * (per_token + 2 * d * config.vocab_size) + attention
+
+
+def training_step_flops(config: QwenVLConfig, settings: Settings) -> float:
+    """Model FLOPs of one training step: 3 x forward (backward = 2 x forward); checkpointing's recomputation is not
+    counted (model FLOPs, not hardware FLOPs)."""
+    per_row = settings.train_images * vision_forward_flops(config) + lm_forward_flops(config, settings.train_seq_len)
+    return 3 * settings.train_batch * per_row
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> float | None:
+    if device != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    benchmark: str
+    variant: str
+    value: float
+    unit: str
+    higher_is_better: bool
+    note: str = ""
+    mfu: float | None = None  # training rows on a GPU of known peak
+    step_peak: float | None = None  # memory rows: MiB above weights+optimizer state
+
+
+class FirstLogitsClock(LogitsProcessor):
+    """Notes when the prefill's logits reach the sampler: decoding runs from there to the end of `generate`."""
+
+    def __init__(self, device: str):
+        self.device, self.start = device, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            synchronize(self.device)
+            self.start = time.perf_counter()
+        return scores
+
+
+def compiled_copy(model: QwenVLForConditionalGeneration) -> QwenVLForConditionalGeneration:
+    """A copy with every ViT and LM block compiled (outside the blocks, image splicing is data-dependent)."""
+    model = copy.deepcopy(model)
+    for block in list(model.transformer.visual.transformer.resblocks) + list(model.transformer.h):
+        block.compile()
+    return model
+
+
+def using(model: QwenVLForConditionalGeneration, implementation: str, call: Callable) -> Callable:
+    """`call` run with `model` switched to an attention implementation."""
+
+    def run():
+        model.set_attn_implementation(implementation)
+        return call()
+
+    return run
+
+
+class Benchmark:
+    def __init__(self, args, settings: Settings):
+        self.device, self.dtype, self.settings = args.device, getattr(torch, args.dtype), settings
+        self.config = QwenVLConfig(**SMALL_CONFIG)
+        torch.manual_seed(0)
+        self.model = QwenVLForConditionalGeneration._from_config(
+            self.config, attn_implementation="sdpa", dtype=self.dtype
+        ).to(self.device)
+        self.model.eval()
+        self.implementations = ["eager", "sdpa"]
+        if self.device == "cuda" and self.dtype != torch.float32 and is_flash_attn_2_available():
+            self.implementations.append("flash_attention_2")
+        self.compiled = compiled_copy(self.model) if settings.compile else None
+        self.generator = torch.Generator().manual_seed(0)
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+
+    def inference_variants(self, call: Callable) -> dict[str, Callable]:
+        variants = {name: using(self.model, name, lambda: call(self.model)) for name in self.implementations}
+        if self.compiled is not None:
+            variants["sdpa+compile"] = using(self.compiled, "sdpa", lambda: call(self.compiled))
+        return variants
+
+    def prefill(self):
+        batch = to_device(prompts(self.config, [PROMPT_TEXT_TOKENS], self.generator), self.device, self.dtype)
+
+        def call(model):
+            with torch.inference_mode():
+                model(**batch, use_cache=True, logits_to_keep=1)
+
+        s = self.settings
+        times = interleaved(self.inference_variants(call), s.warmup, 2 * s.rounds, self.device)
+        label = f"prefill latency, 1 image + {PROMPT_TEXT_TOKENS} text tokens, batch 1"
+        self.rows += [Row(label, name, 1e3 * t, "ms", False) for name, t in times.items()]
+
+    def vision(self):
+        size, n = self.config.visual["image_size"], self.settings.vision_batch
+        pixel_values = torch.randn(n, 3, size, size, generator=self.generator).to(self.device, self.dtype)
+
+        def call(model):
+            with torch.inference_mode():
+                model.get_image_features(pixel_values)
+
+        s = self.settings
+        times = interleaved(self.inference_variants(call), s.warmup, s.rounds, self.device)
+        label = f"vision encoder + adapter, batch {n}"
+        self.rows += [Row(label, name, n / t, "images/s", True) for name, t in times.items()]
+
+    def decode(self):
+        s = self.settings
+        common = dict(max_new_tokens=s.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        variants = {name: (name, {}) for name in self.implementations}
+        variants["sdpa+static"] = ("sdpa", dict(cache_implementation="static", disable_compile=True))
+        if s.compile:
+            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if self.device == "cuda" else "default")
+            compile_config._compile_all_devices = True  # generate compiles on cuda-like devices only, unless told
+            variants["sdpa+static+compile"] = ("sdpa", dict(cache_implementation="static", compile_config=compile_config))
+        for batch_size in (1, 8):
+            lengths = BATCH_TEXT_TOKENS if batch_size == 8 else [PROMPT_TEXT_TOKENS]
+            batch = to_device(prompts(self.config, lengths, self.generator, images=False), self.device, self.dtype)
+
+            def call(extra: dict, batch: dict = batch) -> float:
+                clock = FirstLogitsClock(self.device)
+                self.model.generate(**batch, **common, **extra, logits_processor=LogitsProcessorList([clock]))
+                synchronize(self.device)
+                return time.perf_counter() - clock.start
+
+            calls = {name: using(self.model, impl, lambda extra=extra: call(extra)) for name, (impl, extra) in variants.items()}
+            times = interleaved(calls, s.warmup, s.rounds * (2 if batch_size == 1 else 1), self.device)
+            label = f"decode, batch {batch_size}, {s.new_tokens} new tokens after {batch['input_ids'].shape[1]}-position prompts"
+            tokens = batch_size * (s.new_tokens - 1)
+            self.rows += [Row(label, name, tokens / t, "tokens/s", True) for name, t in times.items()]
+
+    def training(self):
+        s, cuda = self.settings, self.device == "cuda"
+        model = copy.deepcopy(self.model).train()
+        models = {name: model for name in self.implementations}
+        if s.compile and cuda:  # compiling the training step on CPU takes minutes and hides allocations from the profiler
+            models["sdpa+compile"] = compiled_copy(model)
+        optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in models.values()}
+        peaks: dict[str, tuple[int, int]] = {}  # variant -> (bytes resident before the step, peak above them)
+
+        def step(name: str, checkpointing: bool, batch: dict):
+            m, optimizer = models[name], optimizers[id(models[name])]
+            m.set_attn_implementation(name.split("+")[0])
+            m.activation_checkpointing_enable() if checkpointing else m.activation_checkpointing_disable()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
+            m(**batch, use_cache=False).loss.backward()  # as trainers do: no KV cache while training
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                peaks[name + ("+ckpt" if checkpointing else "")] = (resident, torch.cuda.max_memory_allocated() - resident)
+
+        def calls(batch: dict) -> dict[str, Callable]:
+            return {
+                name + ("+ckpt" if checkpointing else ""): (lambda name=name, c=checkpointing: step(name, c, batch))
+                for name in models
+                for checkpointing in (False, True)
+            }
+
+        def profile_cpu_memory(batch: dict) -> dict[str, tuple[int, int]]:
+            resident = tensor_bytes(model.parameters()) + tensor_bytes(
+                t for state in optimizers[id(model)].state.values() for t in state.values() if torch.is_tensor(t)
+            )
+            return {name: (resident, cpu_step_peak_bytes(call)) for name, call in calls(batch).items()}
+
+        batch = to_device(training_batch(self.config, s, self.generator), self.device, self.dtype)
+        if cuda:  # compiled variants build their graphs during warm-up
+            times = interleaved(calls(batch), s.warmup, s.rounds, self.device)
+        else:  # the variants share one model and optimizer: one warm-up step creates the optimizer state for all
+            step(self.implementations[0], False, batch)
+            times = interleaved(calls(batch), 0, s.rounds, self.device)
+        flops, peak = training_step_flops(self.config, s), peak_flops(self.device, self.dtype)
+        shape = f"batch {s.train_batch} x {s.train_seq_len} tokens, {s.train_images} image(s) per row"
+        for name, t in times.items():
+            mfu = flops / t / peak if peak else None
+            note = f"{flops / t / 1e12:.3g} model TFLOP/s" + (f", MFU {mfu:.1%}" if mfu else "")
+            self.rows.append(Row(f"training step (AdamW), {shape}", name, s.train_batch / t, "samples/s", True, note, mfu))
+        self.memory_rows(shape, peaks if cuda else profile_cpu_memory(batch))
+        if s.memory_seq_len and not cuda:  # the multitask stage's packed length, where activations dominate
+            big = replace(s, train_batch=1, train_seq_len=s.memory_seq_len, train_images=s.memory_images)
+            batch = to_device(training_batch(self.config, big, self.generator), self.device, self.dtype)
+            self.memory_rows(f"batch 1 x {big.train_seq_len} tokens, {big.train_images} images", profile_cpu_memory(batch))
+        self.notes.append(
+            "Training memory: "
+            + (
+                "`torch.cuda.max_memory_allocated()` over one step; weights+optimizer state is what was allocated before it."
+                if cuda
+                else "weights+optimizer state is the exact size of those tensors; the step's peak is replayed from "
+                "`torch.profiler` allocation events (CPU tensors, operator granularity) and total = both summed "
+                "(allocator overhead and non-tensor memory not included)."
+            )
+        )
+        self.notes.append(f"Model FLOPs per training step: {flops / 1e12:.3g} TFLOP (6 x params x tokens plus attention).")
+
+    def memory_rows(self, shape: str, peaks: dict[str, tuple[int, int]]):
+        mib = 2**20
+        for name, (resident, step_peak) in peaks.items():
+            note = f"{resident / mib:.0f} MiB weights+optimizer state + {step_peak / mib:.0f} MiB step peak above them"
+            total = (resident + step_peak) / mib
+            self.rows.append(Row(f"training peak memory, {shape}", name, total, "MiB", False, note, step_peak=step_peak / mib))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = names[0].strip() if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def eager_of(rows: list[Row], row: Row) -> Row | None:
+    base = row.variant.replace("sdpa", "eager").replace("flash_attention_2", "eager").split("+")[0]
+    if row.benchmark.startswith("training"):
+        base = "eager"
+    return next((r for r in rows if r.benchmark == row.benchmark and r.variant == base), None)
+
+
+def ratio_text(rows: list[Row], row: Row) -> str:
+    base = eager_of(rows, row)
+    if base is None or base.value == 0:
+        return ""
+    if row.unit == "MiB":
+        return f"{row.value / base.value:.2f}x memory"
+    speedup = row.value / base.value if row.higher_is_better else base.value / row.value
+    return f"{speedup:.2f}x"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| benchmark | variant | median | vs eager | notes |", "|---|---|---|---|---|"]
+    previous = None
+    for row in rows:
+        value = f"{row.value:.1f}" if row.value >= 10 else f"{row.value:.3g}"
+        label = row.benchmark if row.benchmark != previous else ""
+        lines.append(f"| {label} | {row.variant} | {value} {row.unit} | {ratio_text(rows, row)} | {row.note} |")
+        previous = row.benchmark
+    return "\n".join(lines)
+
+
+def find(rows: list[Row], prefix: str, variant: str) -> Row | None:
+    return next((r for r in rows if r.benchmark.startswith(prefix) and r.variant == variant), None)
+
+
+def targets(rows: list[Row]) -> str:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    lines = []
+    eager, sdpa = find(rows, "prefill", "eager"), find(rows, "prefill", "sdpa")
+    speedup = eager.value / sdpa.value
+    lines.append(f"- sdpa >= 1.3x eager on prefill: {verdict(speedup >= 1.3)} ({speedup:.2f}x: {sdpa.value:.0f} vs {eager.value:.0f} ms)")
+    for variant in ("sdpa", "sdpa+static+compile"):
+        one, eight = find(rows, "decode, batch 1", variant), find(rows, "decode, batch 8", variant)
+        if one and eight:
+            gain = eight.value / one.value
+            lines.append(
+                f"- batched decoding of 8 prompts >= 4x the tokens/s of one prompt ({variant}): {verdict(gain >= 4)} "
+                f"({gain:.2f}x: {eight.value:.1f} vs {one.value:.1f} tokens/s)"
+            )
+    for benchmark in dict.fromkeys(r.benchmark for r in rows if r.benchmark.startswith("training peak memory")):
+        shape = benchmark.removeprefix("training peak memory, ")
+        for variant in ("eager", "sdpa"):
+            plain, ckpt = find(rows, benchmark, variant), find(rows, benchmark, variant + "+ckpt")
+            if plain and ckpt:
+                cut = 1 - ckpt.value / plain.value
+                step_cut = 1 - ckpt.step_peak / plain.step_peak
+                lines.append(
+                    f"- gradient checkpointing cuts training peak memory >= 40% ({variant}, {shape}): {verdict(cut >= 0.4)} "
+                    f"(total -{cut:.0%}: {ckpt.value:.0f} vs {plain.value:.0f} MiB; step peak above weights+optimizer "
+                    f"state -{step_cut:.0%}: {ckpt.step_peak:.0f} vs {plain.step_peak:.0f} MiB)"
+                )
+    mfus = [r for r in rows if r.mfu is not None]
+    if mfus:
+        best = max(mfus, key=lambda r: r.mfu)
+        lines.append(f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: {verdict(best.mfu >= MFU_TARGET)} (best {best.mfu:.1%} with {best.variant})")
+    else:
+        lines.append(f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: not measured (needs `--device cuda --dtype bfloat16` on a GPU in the peak table)")
+    lines.append("- image features computed once per `generate`: checked by `tests/test_performance.py` (vision-tower call count)")
+    return "\n".join(lines)
+
+
+def write_results(key: str, section: str):
+    """Replace this setting's section of RESULTS.md, keeping the others."""
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    block = f"{begin}\n{section}\n{end}"
+    header = (
+        "# Benchmark results\n\nWritten by `python benchmarks/run.py`; every run replaces its own section "
+        "(device, dtype, quick or full) and keeps the others.\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else header
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.DOTALL)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter inputs, no torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible")
+    settings = settings_for(args.device, args.quick, not args.no_compile)
+
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    bench = Benchmark(args, settings)
+    params = sum(p.numel() for p in bench.model.parameters())
+    for part in (bench.prefill, bench.vision, bench.decode, bench.training):
+        part_start = time.perf_counter()
+        part()
+        print(f"[{part.__name__}: {time.perf_counter() - part_start:.0f} s]", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - started
+
+    key = f"{args.device}-{args.dtype}" + ("-quick" if args.quick else "")
+    section = "\n".join(
+        [
+            f"## {args.device}, {args.dtype}{', quick' if args.quick else ''}",
+            "",
+            f"- machine: {machine(args.device)}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; run took {elapsed:.0f} s",
+            (
+                f"- model: small config, {params / 1e6:.1f}M parameters (LM hidden {bench.config.hidden_size} x "
+                f"{bench.config.num_hidden_layers} layers, vocab {bench.config.vocab_size}; ViT width "
+                f"{bench.config.visual['width']} x {bench.config.visual['layers']} layers, 448px -> 1024 patches -> "
+                "256 queries)"
+            ),
+            f"- settings: {settings}",
+            "",
+            table(bench.rows),
+            "",
+            (
+                "Medians of interleaved rounds after warm-up; `vs eager` is the speed-up (or memory ratio) against "
+                "eager attention in the same run; `+ckpt` = gradient checkpointing; decode tokens/s count the tokens "
+                "after the first (prefill excluded); decode prompts are text of the length of 1 image + 11-32 text "
+                "tokens (left-padded in batch 8): what filled the cache does not change decoding work, and leaving the "
+                "vision tower out keeps the run short. " + " ".join(bench.notes)
+            ),
+            "",
+            "### Targets",
+            "",
+            targets(bench.rows),
+        ]
+    )
+    print(section)
+    write_results(key, section)
+    print(f"\nwritten to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
