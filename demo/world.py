@@ -1,0 +1,332 @@
+"""A synthetic "shapes world": images of coloured shapes with captions, VQA, grounding, text reading and dialogues.
+
+Every image holds 1-4 shapes (distinct colour-kind pairs, so "the red triangle" always names one object) on a varied
+background, and sometimes a word written with PIL's default font. Boxes are kept in pixels; the texts use the official
+0-1000 grounding format through `format_grounding`.
+"""
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from modeling_qwen_vl import format_grounding
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 210, 20),
+    "purple": (150, 40, 200),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# Side of a shape's (square) box as a fraction of the image side.
+SIZES = {"small": (0.20, 0.26), "large": (0.32, 0.40)}
+WORDS = ("cat", "dog", "sun", "car", "map", "hat", "cup", "pen", "bus", "egg", "fox", "owl")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+_SUPERSAMPLE = 4
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    box: tuple[float, float, float, float]  # pixels (x1, y1, x2, y2)
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+@dataclass
+class Scene:
+    image: str  # path of the PNG file, relative to the data directory
+    image_size: int
+    shapes: list[Shape]
+    word: str | None = None
+    word_box: tuple[float, float, float, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def grounding(self, phrase: str, shape: Shape) -> str:
+        """`<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` for `shape`, in the official 0-1000 coordinates."""
+        return format_grounding(phrase, shape.box, (self.image_size, self.image_size))
+
+    def box_1000(self, shape: Shape) -> tuple[int, ...]:
+        """The box of `shape` on the model's 0-1000 scale (as `format_grounding` writes it)."""
+        return tuple(int(v) for v in re.findall(r"\d+", format_grounding(None, shape.box, (self.image_size,) * 2)))
+
+
+def _overlaps(a, b, gap: float) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    """A desaturated dark or light background: plain, a gradient, or speckled."""
+    light = rng.random() < 0.5
+    low, high = (165, 230) if light else (20, 85)
+
+    def tint():
+        base = rng.randint(low, high)
+        return np.array([min(max(base + rng.randint(-18, 18), 0), 255) for _ in range(3)], dtype=np.float32)
+
+    kind = rng.choice(("plain", "gradient", "speckle"))
+    pixels = np.broadcast_to(tint(), (size, size, 3)).copy()
+    if kind == "gradient":
+        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+        if rng.random() < 0.5:
+            ramp = ramp.transpose(1, 0, 2)
+        pixels = pixels * (1 - ramp) + tint() * ramp
+    elif kind == "speckle":
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 12.0, (size, size, 1))
+        pixels = pixels + noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), light
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, colour):
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    if kind == "circle":
+        draw.ellipse(box, fill=colour)
+    elif kind == "square":
+        draw.rectangle(box, fill=colour)
+    elif kind == "triangle":
+        draw.polygon([(x1 + w / 2, y1), (x2, y2), (x1, y2)], fill=colour)
+    elif kind == "diamond":
+        draw.polygon([(x1 + w / 2, y1), (x2, y1 + h / 2), (x1 + w / 2, y2), (x1, y1 + h / 2)], fill=colour)
+    elif kind == "cross":
+        draw.rectangle((x1 + w / 3, y1, x2 - w / 3, y2), fill=colour)
+        draw.rectangle((x1, y1 + h / 3, x2, y2 - h / 3), fill=colour)
+    else:
+        raise ValueError(f"Unknown shape {kind!r}; expected one of {SHAPES}")
+
+
+def render_scene(rng: random.Random, image_size: int, word_probability: float = 0.3) -> tuple[Image.Image, Scene]:
+    """Draw one random scene; returns the image and its description (the `image` path is left empty)."""
+    background, light = _background(rng, image_size)
+    shapes: list[Shape] = []
+    pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], rng.randint(1, 4))
+    for colour, kind in pairs:
+        size = rng.choice(tuple(SIZES))
+        side = rng.uniform(*SIZES[size]) * image_size
+        for _ in range(100):
+            x, y = rng.uniform(1, image_size - side - 1), rng.uniform(1, image_size - side - 1)
+            box = (x, y, x + side, y + side)
+            if not any(_overlaps(box, other.box, 2) for other in shapes):
+                shapes.append(Shape(kind, colour, size, box))
+                break
+
+    word = word_box = None
+    font = ImageFont.load_default(max(10, round(image_size * 0.15)))
+    if rng.random() < word_probability:
+        candidate = rng.choice(WORDS)
+        left, top, right, bottom = font.getbbox(candidate)
+        for _ in range(50):
+            x = rng.uniform(1, image_size - (right - left) - 1)
+            y = rng.uniform(1, image_size - (bottom - top) - 1)
+            box = (x, y, x + right - left, y + bottom - top)
+            if not any(_overlaps(box, shape.box, 2) for shape in shapes):
+                word, word_box = candidate, box
+                break
+
+    big = image_size * _SUPERSAMPLE
+    layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for shape in shapes:
+        _draw_shape(draw, shape.kind, tuple(v * _SUPERSAMPLE for v in shape.box), COLOURS[shape.colour])
+    layer = layer.resize((image_size, image_size), Image.Resampling.BOX)
+    image = Image.alpha_composite(background.convert("RGBA"), layer)
+    if word is not None:
+        left, top, _, _ = font.getbbox(word)
+        ImageDraw.Draw(image).text(
+            (word_box[0] - left, word_box[1] - top), word, font=font, fill=(10, 10, 10) if light else (245, 245, 245)
+        )
+    return image.convert("RGB"), Scene("", image_size, shapes, word, word_box)
+
+
+def generate_scenes(root: Path, split: str, count: int, image_size: int, seed: int, progress: bool = True) -> list[Scene]:
+    """Render `count` scenes as `root/images/{split}_NNNNN.png` (`Scene.image` is relative to `root`); deterministic
+    for `seed`."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-{split}")
+    scenes = []
+    for index in tqdm(range(count), desc=f"Drawing {split} images", disable=not progress):
+        image, scene = render_scene(rng, image_size)
+        scene.image = f"images/{split}_{index:05d}.png"
+        image.save(root / scene.image, compress_level=1)
+        scenes.append(scene)
+    return scenes
+
+
+def save_scenes(scenes: list[Scene], path: Path):
+    path.write_text(json.dumps([asdict(scene) for scene in scenes]))
+
+
+def load_scenes(path: Path) -> list[Scene]:
+    scenes = []
+    for item in json.loads(Path(path).read_text()):
+        item["shapes"] = [Shape(**shape) for shape in item["shapes"]]
+        scenes.append(Scene(**item))
+    return scenes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Texts: every task is a (prompt, answer) pair about one scene.
+# ----------------------------------------------------------------------------------------------------------------------
+
+CAPTION_PROMPT = "Describe the image."
+COUNT_PROMPT = "How many shapes are there?"
+GROUNDED_CAPTION_PROMPT = "Describe the image with grounding."
+READ_PROMPT = "What is written in the image?"
+
+
+def grounding_prompt(phrase: str) -> str:
+    return f"Where is {phrase}?"
+
+
+def plural(kind: str) -> str:
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def _left_to_right(scene: Scene) -> list[Shape]:
+    return sorted(scene.shapes, key=lambda shape: (shape.box[0] + shape.box[2], shape.box[1]))
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption(scene: Scene) -> str:
+    """E.g. "Two shapes: a large red triangle and a small blue circle." (shapes from left to right)."""
+    count = len(scene.shapes)
+    head = f"{NUMBER_WORDS[count].capitalize()} shape{'s' if count > 1 else ''}: "
+    text = head + _join([f"a {s.size} {s.colour} {s.kind}" for s in _left_to_right(scene)]) + "."
+    if scene.word:
+        text += f' The word "{scene.word}" is written.'
+    return text
+
+
+def grounded_caption(scene: Scene) -> str:
+    """The caption's shapes, each as `<ref>a large red triangle</ref><box>...</box>`."""
+    parts = [scene.grounding(f"a {s.size} {s.colour} {s.kind}", s) for s in _left_to_right(scene)]
+    return _join(parts) + "."
+
+
+def count_answer(scene: Scene) -> str:
+    return str(len(scene.shapes))
+
+
+def referring_expressions(scene: Scene) -> list[tuple[str, Shape]]:
+    """Phrases naming exactly one shape: always "the red triangle"; "the large circle", "the blue shape", "the
+    circle", "the leftmost shape"... where they are unambiguous."""
+    found = {}
+    for shape in scene.shapes:
+        for phrase in (
+            f"the {shape.colour} {shape.kind}",
+            f"the {shape.size} {shape.kind}",
+            f"the {shape.colour} shape",
+            f"the {shape.kind}",
+        ):
+            if sum(_matches(phrase, other) for other in scene.shapes) == 1:
+                found.setdefault(phrase, shape)
+    if len(scene.shapes) > 1:
+        ordered = _left_to_right(scene)
+        found["the leftmost shape"], found["the rightmost shape"] = ordered[0], ordered[-1]
+    return list(found.items())
+
+
+def _matches(phrase: str, shape: Shape) -> bool:
+    """Whether every word of "the ..." describes `shape`."""
+    return all(word in (shape.size, shape.colour, shape.kind, "shape") for word in phrase.split()[1:])
+
+
+def vqa_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Counting and attribute questions with short answers."""
+    shapes = scene.shapes
+    pairs = [(COUNT_PROMPT, count_answer(scene))]
+    kind = rng.choice(SHAPES)
+    pairs.append((f"How many {plural(kind)} are there?", str(sum(s.kind == kind for s in shapes))))
+    colour = rng.choice(tuple(COLOURS))
+    pairs.append((f"How many {colour} shapes are there?", str(sum(s.colour == colour for s in shapes))))
+    target = rng.choice(shapes)
+    if sum(s.kind == target.kind for s in shapes) == 1:
+        pairs.append((f"What colour is the {target.kind}?", target.colour))
+    if sum(s.colour == target.colour for s in shapes) == 1:
+        pairs.append((f"What shape is the {target.colour} one?", target.kind))
+    pairs.append((f"Is the {target.colour} {target.kind} small or large?", target.size))
+    colour, kind = rng.choice(tuple(COLOURS)), rng.choice(SHAPES)
+    present = any(s.colour == colour and s.kind == kind for s in shapes)
+    pairs.append((f"Is there a {colour} {kind}?", "yes" if present else "no"))
+    if scene.word:
+        pairs.append((READ_PROMPT, scene.word))
+    return pairs
+
+
+def grounding_pairs(scene: Scene) -> list[tuple[str, str]]:
+    """Referring-expression comprehension: "Where is the red triangle?" -> `<ref>the red triangle</ref><box>...`."""
+    return [(grounding_prompt(phrase), scene.grounding(phrase, shape)) for phrase, shape in referring_expressions(scene)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training records in the recipes' formats.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def pretrain_records(scenes: list[Scene]) -> list[dict]:
+    """Stage 1: image-caption pairs (`{"image", "caption"}`)."""
+    return [{"image": scene.image, "caption": caption(scene)} for scene in scenes]
+
+
+def multitask_records(scenes: list[Scene], rng: random.Random) -> list[dict]:
+    """Stage 2: per scene, one record of each task format of `recipes.formats.TASK_FORMATS` that applies."""
+    records = []
+    for scene in scenes:
+        image = scene.image
+        records.append({"task": "caption", "image": image, "caption": caption(scene)})
+        records.append({"task": "grounding", "image": image, "caption": grounded_caption(scene)})
+        phrase, shape = rng.choice(referring_expressions(scene))
+        records.append({"task": "ref", "image": image, "phrase": phrase, "box": list(scene.box_1000(shape))})
+        shape = rng.choice(scene.shapes)
+        records.append(
+            {"task": "grounded_caption", "image": image, "box": list(scene.box_1000(shape)),
+             "phrase": f"a {shape.size} {shape.colour} {shape.kind}"}
+        )
+        question, answer = rng.choice(vqa_pairs(scene, rng))
+        records.append({"task": "vqa", "image": image, "question": question, "answer": answer})
+        if scene.word:
+            records.append({"task": "ocr", "image": image, "text": scene.word})
+        records.append({"task": "text", "text": caption(scene)})
+    rng.shuffle(records)
+    return records
+
+
+def dialogue(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[str, str]]:
+    """Up to `max_turns` (question, answer) turns in random order: the caption, the count and where each shape is
+    first, then other questions (attributes, other referring expressions, the grounded caption, the word)."""
+    turns = [(CAPTION_PROMPT, caption(scene)), (COUNT_PROMPT, count_answer(scene))]
+    turns += [(grounding_prompt(f"the {s.name}"), scene.grounding(f"the {s.name}", s)) for s in scene.shapes]
+    asked = {question for question, _ in turns}
+    extra = vqa_pairs(scene, rng) + grounding_pairs(scene) + [(GROUNDED_CAPTION_PROMPT, grounded_caption(scene))]
+    extra = [pair for pair in extra if pair[0] not in asked]
+    rng.shuffle(extra)
+    turns = (turns + extra)[:max_turns]
+    rng.shuffle(turns)
+    return turns
+
+
+def sft_records(scenes: list[Scene], rng: random.Random, max_turns: int = 8) -> list[dict]:
+    """Stage 3: dialogues in the official fine-tuning format (`{"id", "conversations": [{"from", "value"}]}`)."""
+    records = []
+    for index, scene in enumerate(scenes):
+        conversations = []
+        for turn, (question, answer) in enumerate(dialogue(scene, rng, max_turns)):
+            prefix = f"Picture 1: <img>{scene.image}</img>\n" if turn == 0 else ""
+            conversations += [{"from": "user", "value": prefix + question}, {"from": "assistant", "value": answer}]
+        records.append({"id": f"identity_{index}", "conversations": conversations})
+    return records

@@ -1,0 +1,63 @@
+"""`qwen-vl demo --fast`: the whole pipeline at toy size, its artifacts, and a grounding answer from its checkpoint."""
+
+import base64
+import json
+
+import pytest
+
+from demo.run import STAGES, main
+from demo.world import load_scenes
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_out")
+    assert main(["--out", str(out), "--fast"]) == 0
+    return out
+
+
+def test_artifacts(demo_out):
+    for name in ("metrics.json", "loss_curves.png", "grounding.png", "predictions.jsonl", "checkpoint/config.json",
+                 "checkpoint/model.safetensors", "checkpoint/qwen.tiktoken", "checkpoint/processor_config.json"):
+        assert (demo_out / name).is_file(), name
+    for stage in STAGES:
+        assert (demo_out / "configs" / f"{stage}.yaml").is_file()
+    metrics = json.loads((demo_out / "metrics.json").read_text())
+    for name in ("grounding_accuracy", "counting_accuracy", "caption_accuracy"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert set(metrics["timings_s"]) >= {"data", "tokenizer", *STAGES, "evaluate", "total"}
+
+
+def test_loss_fell_in_every_stage(demo_out):
+    for stage in STAGES:
+        history = json.loads((demo_out / "stages" / stage / "trainer_state.json").read_text())["log_history"]
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        assert len(losses) >= 3, stage
+        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{stage}: {losses}"
+
+
+def test_vocabulary_is_in_the_official_format(demo_out):
+    lines = (demo_out / "checkpoint" / "qwen.tiktoken").read_bytes().splitlines()
+    tokens = [base64.b64decode(line.split()[0]) for line in lines]
+    assert [int(line.split()[1]) for line in lines] == list(range(len(lines)))
+    assert tokens[:256] == [bytes([b]) for b in range(256)]
+    assert all(len(token) > 1 for token in tokens[256:]) and len(set(tokens)) == len(tokens)
+
+
+def test_checkpoint_loads_in_pipeline(demo_out):
+    from PIL import Image
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(demo_out / "checkpoint"))
+    scene = load_scenes(demo_out / "data" / "heldout.json")[0]
+    with Image.open(demo_out / "data" / scene.image) as image:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image.convert("RGB")},
+                                                 {"type": "text", "text": "How many shapes are there?"}]}]
+        output = pipe(text=messages, max_new_tokens=4)
+    assert output[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_cli_lists_demo():
+    import qwen_vl_cli
+
+    assert qwen_vl_cli.SUBCOMMANDS["demo"] == "demo.run:main"
