@@ -35,12 +35,16 @@ def official_dir(tmp_path_factory, tiny_vocab_file):
     from tests.conftest import TINY_CONFIG
     from modeling_qwen_vl import QwenVLConfig
 
+    from tests.conftest import TINY_IMAGE_START_ID
+
+    # The vocabulary ends at `<imgpad>`: a random model then only generates ids the tokenizer can decode.
+    tiny = {**TINY_CONFIG, "vocab_size": TINY_IMAGE_START_ID + 3}
     torch.manual_seed(0)
-    model = QwenVLForConditionalGeneration(QwenVLConfig(**TINY_CONFIG))
+    model = QwenVLForConditionalGeneration(QwenVLConfig(**tiny))
     source = tmp_path_factory.mktemp("official")
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, source / "model.safetensors", metadata={"format": "pt"})
-    config = {k: v for k, v in TINY_CONFIG.items()}
+    config = dict(tiny)
     config.update(
         model_type="qwen",
         architectures=["QWenLMHeadModel"],
