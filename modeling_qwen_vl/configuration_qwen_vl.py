@@ -43,7 +43,8 @@ class QwenVLConfig(PreTrainedConfig):
 
     `visual` holds the vision tower: `image_size`, `patch_size`, `width`, `layers`, `heads`, `mlp_ratio`,
     `output_dim` (= `hidden_size`), `image_start_id` (id of `<img>`; `</img>` and `<imgpad>` follow it) and
-    `n_queries` (image features per image, 256).
+    `n_queries` (image features per image: 256, a perfect square; the tokenizer's `image_span_length`
+    must match it).
 
     ```python
     >>> from modeling_qwen_vl import QwenVLConfig

@@ -475,7 +475,10 @@ class QwenVLModel(QwenVLPreTrainedModel):
         mask = self.get_image_mask(input_ids)
         n_queries = self.config.visual["n_queries"]
         if int(mask.sum()) != num_images * n_queries:
-            raise ValueError(f"every <img>...</img> span must hold exactly {n_queries} tokens between the tags.")
+            raise ValueError(
+                f"Every <img>...</img> span must hold exactly {n_queries} tokens between the tags (the model's "
+                "visual['n_queries']): use a tokenizer whose image_span_length is the same."
+            )
         features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 

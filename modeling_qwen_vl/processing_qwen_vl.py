@@ -45,8 +45,8 @@ class QwenVLProcessor(ProcessorMixin):
     Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). Images are
     matched to the spans in order, row by row:
     - `images` given: one image (PIL image, array, local path) per span, as a flat list or as one list per row (rows
-      without images get `[]`); the spans are emptied, so the model input holds `<img>`, 256 `<imgpad>`, `</img>`
-      (the model overwrites those positions with image features anyway);
+      without images get `[]`); the spans are emptied, so the model input holds `<img>`, the tokenizer's
+      `image_span_length` (256) `<imgpad>`, `</img>` (the model overwrites those positions with image features);
     - `images=None`: every span must name a local file, which is loaded, and the ids keep the path bytes as the
       official tokenizer writes them.
     URLs are only fetched with `allow_remote_images=True`. Batches are padded on the left (for generation) unless

@@ -30,7 +30,8 @@ IMAGE_PAD = "<imgpad>"
 # Ids follow the BPE ranks in exactly this order.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS, *REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
 
-# Positions between `<img>` and `</img>`: the number of image features the model writes there.
+# Positions between `<img>` and `</img>`: the number of image features the model writes there (the official 256;
+# a model with another `visual["n_queries"]` saves its own as the tokenizer's `image_span_length`).
 IMAGE_SPAN_LENGTH = 256
 # Box coordinates are integers in [0, BOX_SCALE), relative to the image size.
 BOX_SCALE = 1000
@@ -143,10 +144,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     `</box>`, `<quad>`, `</quad>`, `<img>`, `</img>`, `<imgpad>` (ids `len(ranks)` onwards, so any vocabulary in that
     format works). Special tokens written in text are recognised.
 
-    An image span `<img>PATH</img>` always encodes to 258 ids: `<img>`, the UTF-8 bytes of PATH used as ids,
-    `<imgpad>` up to 256 ids, `</img>`. The model replaces the 256 inner positions by image features. Unclosed or
-    nested image spans, a `</img>` without `<img>`, paths over 256 bytes and truncation through a span raise a
-    `ValueError`. Encoding and decoding touch neither files nor the network.
+    An image span `<img>PATH</img>` always encodes to `image_span_length + 2` ids (258 for the official models):
+    `<img>`, the UTF-8 bytes of PATH used as ids, `<imgpad>` up to `image_span_length` ids, `</img>`. The model
+    replaces the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths
+    longer than the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the network.
 
     Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding.
 
@@ -156,6 +157,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         eos_token (`str`, *optional*, defaults to `"<|endoftext|>"`): End of document token.
         pad_token (`str`, *optional*, defaults to `"<|endoftext|>"`): Padding token.
         chat_template (`str`, *optional*): Jinja chat template; defaults to Qwen-VL-Chat's ChatML.
+        image_span_length (`int`, *optional*, defaults to 256): Positions between `<img>` and `</img>`; must equal
+            the model's `config.visual["n_queries"]` (256 in every official checkpoint).
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
@@ -169,8 +172,14 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         eos_token: str = ENDOFTEXT,
         pad_token: str = ENDOFTEXT,
         chat_template: str | dict | None = CHAT_TEMPLATE,
+        image_span_length: int = IMAGE_SPAN_LENGTH,
         **kwargs,
     ):
+        if not isinstance(image_span_length, int) or isinstance(image_span_length, bool) or image_span_length < 1:
+            raise ValueError(
+                f"image_span_length must be a positive int (the model's n_queries), got {image_span_length!r}"
+            )
+        self.image_span_length = image_span_length
         self.vocab_file = vocab_file
         self.mergeable_ranks = load_tiktoken_ranks(vocab_file)
         num_ranks = len(self.mergeable_ranks)
@@ -215,7 +224,12 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         }
         kwargs["extra_special_tokens"] = [t for t in SPECIAL_TOKENS if t not in (str(eos_token), str(pad_token))]
         super().__init__(
-            errors=errors, eos_token=eos_token, pad_token=pad_token, chat_template=chat_template, **kwargs
+            errors=errors,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            chat_template=chat_template,
+            image_span_length=image_span_length,
+            **kwargs,
         )
 
     @property
@@ -245,7 +259,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         return self.convert_ids_to_tokens(self._encode_ids(text, allow_special=not split_special_tokens))
 
     def _encode_ids(self, text: str, allow_special: bool = True) -> list[int]:
-        """NFC-normalise, BPE-encode and lay out every `<img>...</img>` span as 258 ids."""
+        """NFC-normalise, BPE-encode and lay out every `<img>...</img>` span as `image_span_length + 2` ids."""
         text = unicodedata.normalize("NFC", text)
         ids = self.encoding.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
         if self.img_start_id not in ids and self.img_end_id not in ids:
@@ -276,15 +290,15 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                     f"with {IMAGE_TAGS[1]} before other tags"
                 )
             content = self.encoding.decode_bytes(inner)
-            if len(content) > IMAGE_SPAN_LENGTH:
+            if len(content) > self.image_span_length:
                 raise ValueError(
                     f"Image path {content.decode('utf-8', 'replace')[:60]!r}... is {len(content)} bytes long; an "
-                    f"image span holds at most {IMAGE_SPAN_LENGTH} bytes. Use a shorter path, or pass the image "
+                    f"image span holds at most {self.image_span_length} bytes. Use a shorter path, or pass the image "
                     "itself to the processor."
                 )
             output += ids[position:start]
             output += [self.img_start_id, *content]
-            output += [self.img_pad_id] * (IMAGE_SPAN_LENGTH - len(content)) + [self.img_end_id]
+            output += [self.img_pad_id] * (self.image_span_length - len(content)) + [self.img_end_id]
             position = end + 1
         return output + ids[position:]
 
@@ -296,17 +310,17 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         truncation_strategy: str = "longest_first",
         stride: int = 0,
     ) -> tuple[list[int], list[int] | None, list[int]]:
-        """Truncate as usual, but raise instead of cutting through an image span (its 258 ids belong together)."""
+        """Truncate as usual, but raise instead of cutting through an image span (its ids belong together)."""
         ids, pair_ids, overflowing_tokens = super().truncate_sequences(
             ids, pair_ids, num_tokens_to_remove, truncation_strategy, stride
         )
         for kept in (ids, pair_ids or []):
             starts = [i for i, token_id in enumerate(kept) if token_id == self.img_start_id]
             ends = [i for i, token_id in enumerate(kept) if token_id == self.img_end_id]
-            if len(starts) != len(ends) or any(e - s != IMAGE_SPAN_LENGTH + 1 for s, e in zip(starts, ends)):
+            if len(starts) != len(ends) or any(e - s != self.image_span_length + 1 for s, e in zip(starts, ends)):
                 raise ValueError(
-                    f"Truncation to max_length would cut through an image span ({IMAGE_SPAN_LENGTH + 2} tokens that "
-                    "belong together): raise max_length or shorten the text so that the cut falls outside the image"
+                    f"Truncation to max_length would cut through an image span ({self.image_span_length + 2} tokens "
+                    "that belong together): raise max_length or shorten the text so that the cut falls outside the image"
                 )
         return ids, pair_ids, overflowing_tokens
 
@@ -407,7 +421,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         (N from 1), `{"text": t}` -> t, `{"ref": r, "box": [[x1, y1, x2, y2], ...]}` ->
         `<ref>r</ref><box>(x1,y1),(x2,y2)</box>` per box (`ref` and `box` may each appear alone).
 
-        Raises a `ValueError` naming the element for: a path over 256 bytes, markup tags in a path or ref, unclosed or
+        Raises a `ValueError` naming the element for: a path longer than the image span, markup tags in a path or ref, unclosed or
         nested tags in a text, a box that is not 4 integers in [0, 1000) with x1 <= x2 and y1 <= y2, and a value
         starting with a combining mark that NFC would merge into the preceding tag.
         """
@@ -425,10 +439,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             if keys == {"image"}:
                 path = element["image"]
                 _check_plain(path, f"{name}['image']")
-                if len(path.encode()) > IMAGE_SPAN_LENGTH:
+                if len(path.encode()) > self.image_span_length:
                     raise ValueError(
                         f"{name}: image path {path[:60]!r}... is {len(path.encode())} bytes long, more than the "
-                        f"{IMAGE_SPAN_LENGTH} an image span holds: use a shorter path"
+                        f"{self.image_span_length} an image span holds: use a shorter path"
                     )
                 num_images += 1
                 text += f"Picture {num_images}:{IMAGE_TAGS[0]}{path}{IMAGE_TAGS[1]}\n"

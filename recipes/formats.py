@@ -2,7 +2,7 @@
 
 Each task maps to `(prompt, completion)` templates filled with `str.format` from the record's fields. The prompt is
 never trained; the completion, followed by `EOS`, is. `<img></img>` marks the record's image (the processor fills the
-span with 256 `<imgpad>`, which the model overwrites with image features). `{box}` is written from the record's
+span with `<imgpad>`, which the model overwrites with image features). `{box}` is written from the record's
 `box` ([x1, y1, x2, y2] on the 0-1000 grid) as `<box>(x1,y1),(x2,y2)</box>`.
 
 Stage 1 (pre-training) uses the `caption` format; stage 2 (multi-task pre-training) uses all seven; stage 3 (SFT)

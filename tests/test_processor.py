@@ -8,6 +8,8 @@ from modeling_qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from modeling_qwen_vl.processing_qwen_vl import QwenVLProcessor
 from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, QwenVLTokenizer
 
+from .conftest import TINY_CONFIG
+
 
 @pytest.fixture(scope="module")
 def processor(vocab_file):
@@ -161,3 +163,17 @@ def test_ground_returns_pixel_boxes_and_saves_a_picture(tiny_model_factory, tiny
     assert drawn.size == image.size and drawn.getpixel((20, 40)) != (255, 255, 255)
     with pytest.raises(ValueError, match="phrase"):
         tiny_processor.ground(model, image, "  ")
+
+
+def test_model_with_fewer_queries_runs_from_the_processor(tiny_model_factory, tiny_vocab_file, images):
+    """n_queries=16 in the config and image_span_length=16 in the tokenizer go together; a mismatch is named."""
+    size = 56
+    model = tiny_model_factory(visual={**TINY_CONFIG["visual"], "n_queries": 16})
+    image_processor = QwenVLImageProcessor(size={"height": size, "width": size})
+    processor = QwenVLProcessor(image_processor, QwenVLTokenizer(str(tiny_vocab_file), image_span_length=16))
+    batch = processor(images=images["cat"], text="<img></img>a cat", return_tensors="pt")
+    assert batch["input_ids"].shape[1] == 16 + 2 + len(processor.tokenizer.encode("a cat"))
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    mismatched = QwenVLProcessor(image_processor, QwenVLTokenizer(str(tiny_vocab_file)))
+    with pytest.raises(ValueError, match="image_span_length"):
+        model(**mismatched(images=images["cat"], text="<img></img>a cat", return_tensors="pt"))

@@ -239,3 +239,19 @@ def test_invalid_vocabulary(tmp_path):
     malformed.write_bytes(b"IQ== zero\n")
     with pytest.raises(ValueError, match="line 1"):
         QwenVLTokenizer(str(malformed))
+
+
+def test_image_span_length_is_configurable_and_saved(vocab_file, tmp_path):
+    """A model with fewer image queries (e.g. the demo's) uses a tokenizer whose spans hold that many positions."""
+    tokenizer = QwenVLTokenizer(str(vocab_file), image_span_length=16)
+    ids = tokenizer.encode("<img>a.png</img>b")
+    assert ids[: ids.index(tokenizer.img_end_id) + 1] == (
+        [tokenizer.img_start_id, *b"a.png"] + [tokenizer.img_pad_id] * 11 + [tokenizer.img_end_id]
+    )
+    with pytest.raises(ValueError, match=r"17 bytes.*at most 16"):
+        tokenizer.encode("<img>" + "x" * 17 + "</img>")
+    tokenizer.save_pretrained(tmp_path)
+    assert QwenVLTokenizer.from_pretrained(tmp_path).image_span_length == 16
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="image_span_length must be a positive int"):
+            QwenVLTokenizer(str(vocab_file), image_span_length=bad)
