@@ -7,6 +7,10 @@ Options come from `ModelArguments` (TRL's `ModelConfig`: model, dtype, attention
 (data and stage settings) and transformers' `TrainingArguments`. The YAML file given by `--config` sets them and
 command-line flags override it (TRL's `TrlParser`). Each run ends with a Hub-ready directory in `output_dir` (model,
 remote code, `qwen.tiktoken`, processor configs; an adapter with `--use_peft`) that the next stage takes as `--model`.
+
+Checkpoints are written atomically (`recipes.trainer.RecipeTrainer`): a run killed at any point resumes with
+`--resume_from_checkpoint true` from its last complete checkpoint. A NaN or infinite training loss stops the run with
+`recipes.trainer.NonFiniteLossError` before the optimizer applies it, so no checkpoint holds the bad weights.
 """
 
 import logging
@@ -20,7 +24,7 @@ import torch
 import transformers
 from accelerate import PartialState
 from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from modeling_qwen_vl import QwenVLForConditionalGeneration, QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
@@ -28,6 +32,7 @@ from modeling_qwen_vl import QwenVLForConditionalGeneration, QwenVLImageProcesso
 from .collator import QwenVLDataCollator, SkippedRecordsCallback
 from .data import Example, load_records, render_caption_pair, render_dialogue, render_task
 from .freezing import freeze_for_stage
+from .trainer import RecipeTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +165,7 @@ def _setup_logging(training_args: TrainingArguments):
     transformers.utils.logging.set_verbosity(level)
 
 
-def run(argv: list[str]) -> Trainer:
+def run(argv: list[str]) -> RecipeTrainer:
     """Parse `argv` (`[stage, flags...]`), train the stage and save the result; returns the trainer."""
     if not argv or argv[0] not in STAGES:
         raise ValueError(f"The first argument must be a stage among {', '.join(STAGES)}, got {argv[:1]}.")
@@ -205,7 +210,7 @@ def run(argv: list[str]) -> Trainer:
     collator.prime(dataset)  # fails early on unusable data; gives all-bad batches a stand-in
     if recipe.streaming:
         dataset = dataset.shuffle(seed=training_args.seed, buffer_size=recipe.shuffle_buffer)
-    trainer = Trainer(
+    trainer = RecipeTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,

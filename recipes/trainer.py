@@ -1,0 +1,105 @@
+"""The recipes' `Trainer`: atomic checkpoints, and a stop on a non-finite loss.
+
+Checkpoints are written under `<output_dir>/_tmp_checkpoints/checkpoint-N` and renamed to `<output_dir>/checkpoint-N`
+once every process has written its files, so a run killed while saving never leaves a partial `checkpoint-N` for
+`--resume_from_checkpoint true` (transformers' `get_last_checkpoint`) to pick. What a killed save leaves in
+`_tmp_checkpoints` is ignored by resuming and deleted at the next save.
+"""
+
+import os
+import shutil
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+# Not matched by `checkpoint-*` (rotation) nor `checkpoint-N` (resuming); `_*` is also left out of Hub uploads.
+STAGING_DIR = "_tmp_checkpoints"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; raised before the optimizer applies the step."""
+
+
+class RecipeTrainer(Trainer):
+    """[`Trainer`] with atomic checkpoint writes and a [`NonFiniteLossError`] when the training loss is NaN or inf.
+
+    Checkpoint rotation (`save_total_limit`), `load_best_model_at_end` and Hub pushes work as in `Trainer`; with
+    several processes, the processes that save (`args.should_save`) rename, the others wait.
+    """
+
+    _staging = False  # while True, `Trainer._save_checkpoint` writes into the staging directory
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self._staging:  # the upload runs in the background: push the renamed checkpoint, not the staged one
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into `_tmp_checkpoints`, then rename it to `checkpoint-N`, push it and rotate."""
+        run_dir = self._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, checkpoint = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.state.best_model_checkpoint == staged:  # a new best model: record it under its final name
+            self.state.best_model_checkpoint = checkpoint
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
+        if self.args.should_save:
+            _fsync_tree(staged)
+            if os.path.isdir(checkpoint):  # saved by an earlier run into this output_dir: set aside, deleted below
+                os.replace(checkpoint, os.path.join(staging_root, "replaced"))
+            os.replace(staged, checkpoint)
+            _fsync(run_dir)
+            shutil.rmtree(staging_root)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(checkpoint)
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """`Trainer.training_step`, then stop every process if the loss of any is NaN or inf (before the optimizer
+        step: the weights and the checkpoints saved so far stay finite)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        losses = self.accelerator.gather(loss)
+        if not torch.isfinite(losses).all():
+            raise NonFiniteLossError(
+                f"Non-finite training loss {losses.tolist()} at step {self.state.global_step + 1}: stopped before "
+                "the optimizer step, so no weight or checkpoint holds NaN/inf. Try a lower --learning_rate or more "
+                "--warmup_steps, bf16 rather than fp16 (which overflows), and check the data of this step. The "
+                "checkpoints saved so far are intact."
+            )
+        return loss
+
+
+def _fsync_tree(path: str):
+    """Flush the files and directories under `path` to disk, so that the renamed checkpoint holds written data."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _fsync(path: str):
+    """Flush a file, or a directory's entries (POSIX only: Windows cannot open directories), to disk."""
+    if os.name != "posix" and os.path.isdir(path):
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
