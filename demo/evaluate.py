@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_qwen_vl import draw_grounding, parse_grounding  # noqa: E402
+from modeling_qwen_vl.image_processing_qwen_vl import load_image  # noqa: E402
 
 from .world import CAPTION_PROMPT, COLOURS, COUNT_PROMPT, NUMBER_WORDS, SHAPES, Scene, grounding_prompt  # noqa: E402
 
@@ -53,13 +54,14 @@ def generate(model, processor, queries: list[tuple[str, str]], max_new_tokens: i
         batch = queries[start : start + batch_size]
         texts = [
             processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": question}]}],
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            for path, question in batch
+            for _, question in batch
         ]
-        inputs = processor(text=texts, return_tensors="pt").to(model.device)
+        images = [[load_image(path)] for path, _ in batch]
+        inputs = processor(images=images, text=texts, return_tensors="pt").to(model.device)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.eod_id
         )

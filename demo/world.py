@@ -1,7 +1,7 @@
 """A synthetic "shapes world": images of coloured shapes with captions, VQA, grounding, text reading and dialogues.
 
-Every image holds 1-4 shapes (distinct colour-kind pairs, so "the red triangle" always names one object) on a varied
-background, and sometimes a word written with PIL's default font. Boxes are kept in pixels; the texts use the official
+Every image holds 1-4 shapes of distinct colours (so "the red triangle" and "the red shape" always name one object;
+kinds may repeat) on a varied background, and sometimes a word written with PIL's default font. Boxes are kept in pixels; the texts use the official
 0-1000 grounding format through `format_grounding`.
 """
 
@@ -111,7 +111,8 @@ def render_scene(rng: random.Random, image_size: int, word_probability: float = 
     """Draw one random scene; returns the image and its description (the `image` path is left empty)."""
     background, light = _background(rng, image_size)
     shapes: list[Shape] = []
-    pairs = rng.sample([(c, k) for c in COLOURS for k in SHAPES], rng.randint(1, 4))
+    count = rng.randint(1, 4)
+    pairs = list(zip(rng.sample(tuple(COLOURS), count), rng.choices(SHAPES, k=count)))
     for colour, kind in pairs:
         size = rng.choice(tuple(SIZES))
         side = rng.uniform(*SIZES[size]) * image_size

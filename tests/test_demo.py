@@ -18,7 +18,8 @@ def demo_out(tmp_path_factory):
 
 def test_artifacts(demo_out):
     for name in ("metrics.json", "loss_curves.png", "grounding.png", "predictions.jsonl", "checkpoint/config.json",
-                 "checkpoint/model.safetensors", "checkpoint/qwen.tiktoken", "checkpoint/processor_config.json"):
+                 "checkpoint/model.safetensors", "checkpoint/qwen.tiktoken", "checkpoint/processor_config.json",
+                 "checkpoint/README.md"):
         assert (demo_out / name).is_file(), name
     for stage in STAGES:
         assert (demo_out / "configs" / f"{stage}.yaml").is_file()
@@ -26,6 +27,8 @@ def test_artifacts(demo_out):
     for name in ("grounding_accuracy", "counting_accuracy", "caption_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0
     assert set(metrics["timings_s"]) >= {"data", "tokenizer", *STAGES, "evaluate", "total"}
+    card = (demo_out / "checkpoint" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and f"| counting | {metrics['counting_accuracy']:.3f} |" in card
 
 
 def test_loss_fell_in_every_stage(demo_out):
@@ -61,3 +64,25 @@ def test_cli_lists_demo():
     import qwen_vl_cli
 
     assert qwen_vl_cli.SUBCOMMANDS["demo"] == "demo.run:main"
+
+
+def test_checkpoint_answers_a_grounding_prompt_with_a_box(demo_out):
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from demo.world import grounding_prompt
+    from modeling_qwen_vl import parse_grounding
+
+    model = AutoModelForCausalLM.from_pretrained(demo_out / "checkpoint")
+    processor = AutoProcessor.from_pretrained(demo_out / "checkpoint")
+    scene = load_scenes(demo_out / "data" / "heldout.json")[0]
+    phrase = f"the {scene.shapes[0].name}"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": grounding_prompt(phrase)}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with Image.open(demo_out / "data" / scene.image) as image:
+        inputs = processor(images=image.convert("RGB"), text=text, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    reply = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+    boxes = parse_grounding(reply)
+    assert boxes, reply
+    assert len(boxes[0]["box"]) == 4 and all(0 <= v < 1000 for v in boxes[0]["box"]), boxes
