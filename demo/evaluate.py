@@ -7,15 +7,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
-from modeling_qwen_vl import draw_grounding, parse_grounding  # noqa: E402
-from modeling_qwen_vl.image_processing_qwen_vl import load_image  # noqa: E402
+from modeling_qwen_vl import draw_grounding, parse_grounding
 
-from .world import CAPTION_PROMPT, COLOURS, COUNT_PROMPT, NUMBER_WORDS, SHAPES, Scene, grounding_prompt  # noqa: E402
+from .world import (
+    CAPTION_PROMPT,
+    COLOURS,
+    COUNT_PROMPT,
+    NUMBER_WORDS,
+    SHAPES,
+    Scene,
+    grounding_prompt,
+)
 
 _PAIR = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
 _COUNT = re.compile(rf"\b(\d+|{'|'.join(NUMBER_WORDS)})\b", re.IGNORECASE)
@@ -60,8 +67,7 @@ def generate(model, processor, queries: list[tuple[str, str]], max_new_tokens: i
             )
             for _, question in batch
         ]
-        images = [[load_image(path)] for path, _ in batch]
-        inputs = processor(images=images, text=texts, return_tensors="pt").to(model.device)
+        inputs = processor(images=[[path] for path, _ in batch], text=texts, return_tensors="pt").to(model.device)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.eod_id
         )
@@ -114,12 +120,16 @@ def evaluate(model, processor, scenes: list[Scene], root: Path, batch_size: int 
     return metrics, records
 
 
-def plot_loss_curves(stage_dirs: dict[str, Path], path: Path):
-    """Training loss against step for every stage, from each stage's `trainer_state.json`."""
-    fig, axes = plt.subplots(1, len(stage_dirs), figsize=(4.5 * len(stage_dirs), 3.4), squeeze=False)
-    for axis, (stage, directory) in zip(axes[0], stage_dirs.items()):
-        history = json.loads((Path(directory) / "trainer_state.json").read_text())["log_history"]
-        points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+def loss_history(directory: Path) -> list[tuple[int, float]]:
+    """`(step, training loss)` of every logged step of a stage, from its `trainer_state.json`."""
+    history = json.loads((Path(directory) / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+
+def plot_loss_curves(histories: dict[str, list[tuple[int, float]]], path: Path):
+    """Training loss against step for every stage (`loss_history` of each)."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.4), squeeze=False)
+    for axis, (stage, points) in zip(axes[0], histories.items()):
         axis.plot(*zip(*points), marker=".", linewidth=1)
         axis.set_title(stage)
         axis.set_xlabel("step")

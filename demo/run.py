@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from modeling_qwen_vl import (
 from modeling_qwen_vl.tokenization_qwen_vl import CHAT_TEMPLATE
 
 from . import world
-from .evaluate import evaluate, plot_grounding, plot_loss_curves
+from .evaluate import evaluate, loss_history, plot_grounding, plot_loss_curves
 from .vocab import build_tokenizer
 
 STAGES = ("pretrain", "multitask", "sft")
@@ -104,24 +105,18 @@ FAST = DemoSize(
 
 
 class Timer:
-    """Wall time per named step, printed as each one ends."""
+    """Wall time per named step (`with timer("data"): ...`), printed as each one ends."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Step:
-            def __enter__(self):
-                print(f"\n=== {name} ===", flush=True)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.seconds[name] = round(time.perf_counter() - self.start, 1)
-                print(f"=== {name}: {timer.seconds[name]:.1f}s ===", flush=True)
-
-        return _Step()
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"=== {name}: {self.seconds[name]:.1f}s ===", flush=True)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -161,7 +156,7 @@ def corpus(files: dict[str, Path]) -> list[str]:
 def build_checkpoint(directory: Path, tokenizer, size: DemoSize, seed: int) -> Path:
     """A randomly initialised tiny Qwen-VL with its processor, saved as the starting checkpoint of stage 1."""
     vocab_size = (len(tokenizer) + 63) // 64 * 64
-    visual = {"patch_size": 14, **size.model["visual"], "image_size": size.image_size,
+    visual = {**size.model["visual"], "image_size": size.image_size,
               "output_dim": size.model["hidden_size"], "image_start_id": tokenizer.img_start_id}
     config = QwenVLConfig(**{**size.model, "visual": visual}, vocab_size=vocab_size)
     torch.manual_seed(seed)
@@ -225,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(out / "checkpoint")
         processor.save_pretrained(out / "checkpoint")
         _write_jsonl(out / "predictions.jsonl", records)
-        plot_loss_curves(stage_dirs, out / "loss_curves.png")
+        histories = {stage: loss_history(directory) for stage, directory in stage_dirs.items()}
+        plot_loss_curves(histories, out / "loss_curves.png")
         plot_grounding(records, out / "grounding.png")
 
-    metrics["stage_losses"] = {stage: _first_last_loss(directory) for stage, directory in stage_dirs.items()}
+    metrics["stage_losses"] = {stage: {"first": h[0][1], "last": h[-1][1]} for stage, h in histories.items()}
     metrics["timings_s"] = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}
     metrics["seed"], metrics["size"] = args.seed, "fast" if args.fast else "full"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -266,10 +262,3 @@ def write_model_card(checkpoint: Path, metrics: dict):
         tags=["synthetic", "demo"],
     )
     card.save(checkpoint / "README.md")
-
-
-def _first_last_loss(directory: Path) -> dict:
-    """The first and last logged training loss of a stage."""
-    history = json.loads((directory / "trainer_state.json").read_text())["log_history"]
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    return {"first": losses[0], "last": losses[-1]}

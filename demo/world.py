@@ -8,7 +8,7 @@ kinds may repeat) on a varied background, and sometimes a word written with PIL'
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ class Scene:
     shapes: list[Shape]
     word: str | None = None
     word_box: tuple[float, float, float, float] | None = None
-    extra: dict = field(default_factory=dict)
 
     def grounding(self, phrase: str, shape: Shape) -> str:
         """`<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` for `shape`, in the official 0-1000 coordinates."""

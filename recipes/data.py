@@ -14,7 +14,6 @@ Record formats:
 
 import io
 import os
-import re
 import string
 from dataclasses import dataclass, field
 from glob import glob
@@ -23,6 +22,9 @@ import datasets
 import PIL.Image
 
 from modeling_qwen_vl import box_to_text
+from modeling_qwen_vl.image_processing_qwen_vl import _open_rgb
+from modeling_qwen_vl.processing_qwen_vl import EMPTY_IMAGE_SPAN, IMAGE_SPAN
+from modeling_qwen_vl.tokenization_qwen_vl import check_markup as _check_markup
 
 from .formats import EOS, TASK_FORMATS
 
@@ -32,8 +34,6 @@ CAPTION_KEYS = ("caption", "txt", "text")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 # Special tokens that only the templates may write: in record text they would corrupt the format and the labels.
 RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", EOS)
-IMAGE_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)
-MARKUP_TAG = re.compile(r"<(/?)(img|ref|box|quad)>")
 
 
 class BadRecordError(ValueError):
@@ -62,17 +62,10 @@ class Example:
 
 def check_markup(text: str) -> None:
     """Raise `BadRecordError` unless every `<img>`, `<ref>`, `<box>`, `<quad>` is closed before the next one opens."""
-    open_tag = None
-    for match in MARKUP_TAG.finditer(text):
-        closing, name = match.groups()
-        if not closing and open_tag is None:
-            open_tag = name
-        elif closing and open_tag == name:
-            open_tag = None
-        else:
-            raise BadRecordError("malformed", f"misplaced <{closing}{name}> in {text[:120]!r}")
-    if open_tag is not None:
-        raise BadRecordError("malformed", f"unclosed <{open_tag}> in {text[:120]!r}")
+    try:
+        _check_markup(text, repr(text[:120]))
+    except ValueError as error:
+        raise BadRecordError("malformed", str(error)) from None
 
 
 def _check_text(value, what: str) -> str:
@@ -141,7 +134,7 @@ def _official_messages(conversations) -> tuple[list[dict], list]:
             raise BadRecordError("malformed", f"turn {turn!r} needs 'from' in {sorted(ROLES)} and a 'value'")
         content = _check_text(turn.get("value"), f"{role} turn")
         images += IMAGE_SPAN.findall(content)
-        messages.append({"role": role, "content": IMAGE_SPAN.sub("<img></img>", content)})
+        messages.append({"role": role, "content": IMAGE_SPAN.sub(EMPTY_IMAGE_SPAN, content)})
     return messages, images
 
 
@@ -211,12 +204,11 @@ def load_image(reference, image_root: str | None = None) -> PIL.Image.Image:
             source = os.path.join(image_root, source)
         if not os.path.isfile(source):
             raise BadRecordError("missing_image", f"no image file {source!r}")
+    where = "image bytes" if isinstance(source, io.BytesIO) else repr(source)
     try:
-        with PIL.Image.open(source) as image:
-            return image.convert("RGB")  # decodes every pixel: truncated files fail here, not in the model
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        where = "image bytes" if isinstance(source, io.BytesIO) else repr(source)
-        raise BadRecordError("corrupt_image", f"cannot decode {where}: {error}") from None
+        return _open_rgb(source, where)  # decodes every pixel: truncated files fail here, not in the model
+    except ValueError as error:
+        raise BadRecordError("corrupt_image", str(error)) from None
 
 
 def _local_files(entry: str) -> list[str]:

@@ -195,14 +195,15 @@ def run(argv: list[str]) -> RecipeTrainer:
     )
     model = load_model(model_args)
     model.config.visual["image_size"] = image_size  # the vision positional table is resized at run time
-    trainable = freeze_for_stage(model, stage_name)
-    if model_args.use_peft:
+    if model_args.use_peft:  # PEFT freezes everything but the adapters (and `modules_to_save`)
         if getattr(model, "is_quantized", False):
             model = prepare_model_for_kbit_training(
                 model, training_args.activation_checkpointing, training_args.activation_checkpointing_kwargs
             )
         model = get_peft_model(model, get_peft_config(model_args))
         trainable = {"lora": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    else:
+        trainable = freeze_for_stage(model, stage_name)
     logger.info("Stage %s at %dpx, trainable parameters: %s", stage_name, image_size, trainable)
 
     dataset = load_records(recipe.data, recipe.data_split, recipe.data_config, recipe.streaming)
