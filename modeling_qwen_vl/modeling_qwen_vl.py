@@ -415,8 +415,6 @@ class QwenVLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, QwenVLVisionAdapter):
             init.trunc_normal_(module.query, std=0.02)
             init.copy_(module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0]))))
-        elif isinstance(module, QwenVLRMSNorm):
-            init.ones_(module.weight)
         elif isinstance(module, QwenVLRotaryEmbedding):
             init.copy_(module.inv_freq, module.inverse_frequencies(1.0))
 

@@ -9,6 +9,7 @@ import unicodedata
 
 import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
@@ -75,19 +76,7 @@ CHAT_TEMPLATE = r"""{%- set images = namespace(count=0) -%}
 {%- endif -%}"""
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, used to show byte-level tokens as strings."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    shift = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shift)
-            shift += 1
-    return table
-
-
-BYTE_ENCODER = _bytes_to_unicode()
+BYTE_ENCODER = bytes_to_unicode()  # GPT-2's reversible byte -> printable character table
 BYTE_DECODER = {char: b for b, char in BYTE_ENCODER.items()}
 # `bytes.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)` turns token bytes into their byte-level string.
 _LATIN1_TO_BYTE_LEVEL = str.maketrans({chr(b): char for b, char in BYTE_ENCODER.items()})
