@@ -199,7 +199,9 @@ class QwenVLVisionAdapter(nn.Module):
         # the float32 checkpoint (which would pin the whole memory-mapped file) and mixing dtypes in `attn`.
         table = sincos_2d_table(embed_dim, int(math.sqrt(n_queries))).to(torch.get_default_dtype())
         self.register_buffer("pos_embed", table, persistent=True)
-        self.kv_proj = nn.Linear(config.visual["width"], embed_dim, bias=False)
+        # As in the official module: no projection (and no `kv_proj.weight` in the checkpoint) when the widths match.
+        width = config.visual["width"]
+        self.kv_proj = nn.Identity() if width == embed_dim else nn.Linear(width, embed_dim, bias=False)
         self.attn = QwenVLAdapterAttention(config)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -704,8 +706,10 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         for turn_query, turn_response in kept:
             messages += [{"role": "user", "content": turn_query}, {"role": "assistant", "content": turn_response}]
         messages.append({"role": "user", "content": query})
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=prompt, return_tensors="pt").to(self.device)
+        # Tokenized by the template, so control tokens typed in the messages stay text (official `make_context`).
+        inputs = processor.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        ).to(self.device)
 
         stop_ids = [tok.im_end_id, tok.im_start_id, tok.eod_id]
         stop_strings = []

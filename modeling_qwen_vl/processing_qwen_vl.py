@@ -158,6 +158,16 @@ class QwenVLProcessor(ProcessorMixin):
         encoding = tokenizer.pad(encoding, **padding_kwargs)
         return dict(encoding), row_images
 
+    def apply_chat_template(self, conversation, *args, sanitize_control_tokens: bool | None = None, **kwargs):
+        """
+        transformers' `apply_chat_template`; when tokenizing, ChatML control tokens typed inside messages stay plain
+        text by default, as in the official `make_context` (see [`QwenVLTokenizer.apply_chat_template`]). Pass
+        `sanitize_control_tokens=False` for trusted input whose control tokens should act as such.
+        """
+        if sanitize_control_tokens is None:
+            sanitize_control_tokens = bool(kwargs.get("tokenize")) and not kwargs.get("return_assistant_tokens_mask")
+        return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+
     def post_process_grounding(self, text: str, image_size: tuple[int, int] | None = None) -> list[dict]:
         """Boxes (and phrases) in the generated `text`, in pixels of an image of `image_size=(width, height)`."""
         return parse_grounding(text, image_size)

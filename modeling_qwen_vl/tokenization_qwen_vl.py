@@ -11,6 +11,10 @@ import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+# The private-use markers with which `apply_chat_template(..., sanitize_control_tokens=True)` wraps control tokens
+# found in user strings (transformers' `mark_control_tokens`).
+from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
+
 
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
 
@@ -30,6 +34,16 @@ IMAGE_TAGS = ("<img>", "</img>")
 IMAGE_PAD = "<imgpad>"
 # Ids follow the BPE ranks in exactly this order.
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS, *REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
+# ChatML control tokens: only the chat template writes them; typed inside a message they stay plain text.
+CONTROL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS)
+# The official `IMAGE_ST`: the only special tokens the official `make_context` recognises inside message content.
+IMAGE_ST = (*REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
+# In a chat rendered from marked input: a control token the user typed (wrapped in markers, group 1), a lone marker,
+# or a control token the template wrote (group 2).
+_CONTROL = "|".join(re.escape(token) for token in sorted(CONTROL_TOKENS, key=len, reverse=True))
+_MARKED_CHAT = re.compile(
+    f"{_CONTROL_TOKEN_START}({_CONTROL}){_CONTROL_TOKEN_END}|[{_CONTROL_TOKEN_START}{_CONTROL_TOKEN_END}]|({_CONTROL})"
+)
 
 # Positions between `<img>` and `</img>`: the number of image features the model writes there (the official 256;
 # a model with another `visual["n_queries"]` saves its own as the tokenizer's `image_span_length`).
@@ -242,15 +256,63 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             )
         return 0
 
+    def apply_chat_template(self, conversation, *args, sanitize_control_tokens: bool | None = None, **kwargs):
+        """
+        transformers' `apply_chat_template`, encoding like the official `make_context` by default: ChatML control
+        tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<|extra_N|>`) typed inside messages stay plain text,
+        so user text cannot open a new turn; only the image and grounding tags are special inside content.
+
+        `sanitize_control_tokens` defaults to `True` when tokenizing; pass `False` for trusted input whose control
+        tokens should act as such. (transformers does not combine sanitizing with `return_assistant_tokens_mask`.)
+        """
+        if sanitize_control_tokens is None:
+            sanitize_control_tokens = kwargs.get("tokenize", True) and not kwargs.get("return_assistant_tokens_mask")
+        return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+
+    def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
+        """The tokens that sanitizing keeps as text in messages: ChatML's, not the image and grounding tags."""
+        return CONTROL_TOKENS
+
+    def _encode_plus(self, text, *args, sanitize_control_tokens: bool = False, **kwargs):
+        # A chat rendered from marked input (see `apply_chat_template`) is encoded by `tokenize(marked_chat=True)`.
+        if sanitize_control_tokens:
+            kwargs["marked_chat"] = True
+        return super()._encode_plus(text, *args, **kwargs)
+
     def tokenize(self, text: str, **kwargs) -> list[str]:
         """Split `text` into tokens; `split_special_tokens=True` encodes special-token text as plain text."""
         split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
-        return self.convert_ids_to_tokens(self._encode_ids(text, allow_special=not split_special_tokens))
+        if kwargs.pop("marked_chat", False):
+            return self.convert_ids_to_tokens(self._encode_marked_chat(text))
+        allowed = set() if split_special_tokens else "all"
+        return self.convert_ids_to_tokens(self._encode_ids(text, allowed_special=allowed))
 
-    def _encode_ids(self, text: str, allow_special: bool = True) -> list[int]:
-        """NFC-normalise, BPE-encode and lay out every `<img>...</img>` span as `image_span_length + 2` ids."""
+    def _encode_marked_chat(self, chat: str) -> list[int]:
+        """
+        Ids of a chat rendered from marked input, as the official `make_context` encodes it: the control tokens the
+        template wrote are special ids, and the text between them (role names, content) is encoded whole with only
+        `IMAGE_ST` special, user-typed control tokens included as plain text.
+        """
+        ids, text, position = [], [], 0
+        for match in _MARKED_CHAT.finditer(chat):
+            text.append(chat[position : match.start()])
+            position = match.end()
+            if match.group(1):  # typed by the user: plain text
+                text.append(match.group(1))
+            elif match.group(2):  # written by the template
+                ids += self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else []
+                ids.append(self.special_tokens[match.group(2)])
+                text = []
+        text.append(chat[position:])
+        return ids + (self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else [])
+
+    def _encode_ids(self, text: str, allowed_special: set[str] | str = "all") -> list[int]:
+        """
+        NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`) and lay
+        out every `<img>...</img>` span as `image_span_length + 2` ids.
+        """
         text = unicodedata.normalize("NFC", text)
-        ids = self.encoding.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        ids = self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
         if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hub_upload.convert_official import convert_official
@@ -29,19 +30,16 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def official_dir(tmp_path_factory, tiny_vocab_file):
+def write_official_checkpoint(source, tiny_vocab_file, **visual):
     """A tiny checkpoint in the official layout: official config keys and auto_map, safetensors, qwen.tiktoken."""
-    from tests.conftest import TINY_CONFIG
+    from tests.conftest import TINY_CONFIG, TINY_IMAGE_START_ID
     from modeling_qwen_vl import QwenVLConfig
 
-    from tests.conftest import TINY_IMAGE_START_ID
-
     # The vocabulary ends at `<imgpad>`: a random model then only generates ids the tokenizer can decode.
-    tiny = {**TINY_CONFIG, "vocab_size": TINY_IMAGE_START_ID + 3}
+    tiny = {**TINY_CONFIG, "vocab_size": TINY_IMAGE_START_ID + 3, "visual": {**TINY_CONFIG["visual"], **visual}}
     torch.manual_seed(0)
     model = QwenVLForConditionalGeneration(QwenVLConfig(**tiny))
-    source = tmp_path_factory.mktemp("official")
+    source.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, source / "model.safetensors", metadata={"format": "pt"})
     config = dict(tiny)
@@ -59,6 +57,11 @@ def official_dir(tmp_path_factory, tiny_vocab_file):
     )
     shutil.copy(tiny_vocab_file, source / "qwen.tiktoken")
     return source
+
+
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory, tiny_vocab_file):
+    return write_official_checkpoint(tmp_path_factory.mktemp("official"), tiny_vocab_file)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,19 @@ def test_conversion_keeps_weights_and_writes_a_complete_repo(official_dir, repo_
     card = (repo_dir / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "me/tiny-qwen-vl-chat" in card
+
+
+def test_conversion_of_an_adapter_without_kv_proj(tmp_path, tiny_vocab_file):
+    """ViT width == output_dim: the official adapter has `kv_proj = nn.Identity()`, so no `kv_proj.weight`."""
+    source = write_official_checkpoint(tmp_path / "official", tiny_vocab_file, width=128)
+    with safe_open(source / "model.safetensors", "pt") as official:
+        names = set(official.keys())
+    assert "transformer.visual.attn_pool.ln_kv.weight" in names
+    assert not any("kv_proj" in name for name in names)
+    repo = convert_official(source, tmp_path / "repo")
+    model, info = QwenVLForConditionalGeneration.from_pretrained(repo, output_loading_info=True)
+    assert not any(info.values()), info
+    assert isinstance(model.transformer.visual.attn_pool.kv_proj, torch.nn.Identity)
 
 
 def test_conversion_refuses_a_foreign_tokenizer(official_dir, tmp_path, vocab_file):

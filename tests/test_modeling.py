@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
-FIXTURES = ["fixture_a", "fixture_b"]
+FIXTURES = ["fixture_a", "fixture_b", "fixture_e"]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -90,8 +90,10 @@ def test_fixture_greedy_generation(fixture, attn_implementation):
     assert rel_err(torch.stack(out.scores)[:, 0], golden["generate_scores"]) <= 1e-4
 
 
-def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path):
-    source = fixtures_dir / "fixture_a"
+@pytest.mark.parametrize("name", FIXTURES)
+def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path, name):
+    """What we save has exactly the official key set (fixture E: no `kv_proj.weight`) and the same tensors."""
+    source = fixtures_dir / name
     model, _ = load(source, "eager")
     model.save_pretrained(tmp_path)
     with safe_open(source / "model.safetensors", "pt") as official, safe_open(tmp_path / "model.safetensors", "pt") as ours:
@@ -101,7 +103,8 @@ def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path):
     reloaded, info = QwenVLForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values())
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model_type"] == "qwen" and saved["visual"]["image_start_id"] == 400
+    official_config = json.loads((source / "config.json").read_text())
+    assert saved["model_type"] == "qwen" and saved["visual"]["image_start_id"] == official_config["visual"]["image_start_id"]
 
 
 def test_fresh_adapter_table_equals_official(fixtures_dir):

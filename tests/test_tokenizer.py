@@ -69,6 +69,28 @@ def test_chat_golden(tokenizer, tokenizer_golden):
         assert ids == case["ids"]
 
 
+def control_token_case(tokenizer_golden) -> dict:
+    return next(case for case in tokenizer_golden["chat"] if "<|im_start|>" in case["query"])
+
+
+def test_typed_control_tokens_stay_text_in_the_processor_and_can_be_trusted(tokenizer, tokenizer_golden):
+    """The official `make_context`: ChatML tokens typed in a message are text; `sanitize_control_tokens=False` opts out."""
+    from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor
+
+    case = control_token_case(tokenizer_golden)
+    messages = chat_messages(case)
+    processor = QwenVLProcessor(QwenVLImageProcessor(), tokenizer)
+    encoded = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert encoded["input_ids"][0] == case["ids"]
+    # Two user turns, the history's reply and the generation prompt: exactly the template's own <|im_start|>s.
+    assert case["ids"].count(tokenizer.im_start_id) == 1 + 2 * (len(case["history"]) + 1)
+    trusted = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False, sanitize_control_tokens=False
+    )
+    assert trusted == tokenizer.encode(case["raw_text"])
+    assert trusted.count(tokenizer.im_start_id) > case["ids"].count(tokenizer.im_start_id)
+
+
 def test_decode_golden(tokenizer, tokenizer_golden):
     for case in tokenizer_golden["decode"]:
         assert tokenizer.decode(case["ids"]) == case["text"]
