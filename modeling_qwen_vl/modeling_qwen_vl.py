@@ -452,10 +452,22 @@ class QwenVLModel(QwenVLPreTrainedModel):
         depth = starts.long().cumsum(-1) - ends.long().cumsum(-1)
         return (depth > 0) & ~starts
 
+    @staticmethod
+    def _image_count_error(num_spans: int, num_images: int) -> ValueError:
+        return ValueError(
+            f"input_ids contain {num_spans} <img>...</img> spans but {num_images} images were given in pixel_values; "
+            "pass one preprocessed image per span, row by row (QwenVLProcessor does this). With a cache, input_ids "
+            "are the new, uncached tokens: pass only the images whose spans are among them."
+        )
+
     def _splice_images(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, pixel_values: torch.Tensor | None
     ) -> torch.Tensor:
-        """Replace the embeddings inside every `<img>...</img>` span by that image's features, in order."""
+        """Replace the embeddings inside every `<img>...</img>` span of `input_ids` by that image's features, in order.
+
+        `input_ids` are the positions this call computes (with a cache, only the new ones), so `pixel_values` hold
+        exactly the images whose spans lie in them: a later turn of a cached conversation brings only its new images.
+        """
         if input_ids is None:
             if pixel_values is not None:
                 raise ValueError("pixel_values need input_ids to locate the <img>...</img> spans; pass input_ids.")
@@ -466,10 +478,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if num_spans != num_ends:
             raise ValueError(f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed.")
         if num_spans != num_images:
-            raise ValueError(
-                f"input_ids contain {num_spans} <img>...</img> spans but {num_images} images were given in "
-                "pixel_values; pass one preprocessed image per span (QwenVLProcessor does this)."
-            )
+            raise self._image_count_error(num_spans, num_images)
         if num_images == 0:
             return inputs_embeds
         mask = self.get_image_mask(input_ids)
@@ -484,7 +493,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
 
     @staticmethod
     def _is_prefill(cache: Cache | None) -> bool:
-        """True without a cache or with an empty one: only then are images encoded and the dynamic-NTK alpha chosen.
+        """True without a cache or with an empty one: only then is the dynamic-NTK alpha chosen.
 
         Compilable caches (`StaticCache`) count their tokens on device. Reading that count inside `torch.compile`
         would break the graph, so a compiled call takes such a cache as empty until this model has stored its alpha on
@@ -533,8 +542,9 @@ class QwenVLModel(QwenVLPreTrainedModel):
             inputs_embeds = self.wte(input_ids)
 
         # Decoding steps skip everything data-dependent (image splicing, alpha choice), so they compile as one graph.
+        # Images are encoded at prefill, and also with a filled cache when a new turn brings images of its own.
         is_prefill = self._is_prefill(cache)
-        if is_prefill:  # images are encoded only here
+        if is_prefill or pixel_values is not None:
             inputs_embeds = self._splice_images(input_ids, inputs_embeds, pixel_values)
 
         query_length = inputs_embeds.shape[1]
@@ -628,8 +638,9 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         r"""
         input_ids [batch, len] hold `<img>` + 256 slot ids + `</img>` per image; `pixel_values` [images, 3, S, S] are
-        the images in order of appearance (row by row) and are encoded on prefill only. `labels` use -100 for ignored
-        positions and are shifted inside (next-token loss, mean over kept targets).
+        the images of the spans in `input_ids`, in order of appearance (row by row); with a filled `cache` that means
+        only the images of the new tokens (a later turn's own images). `labels` use -100 for ignored positions and are
+        shifted inside (next-token loss, mean over kept targets).
         """
         outputs = self.transformer(
             input_ids=input_ids,
@@ -655,6 +666,41 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict]:
+        """Expand the batch for beams / `num_return_sequences`, handing every copy of a row that row's own images.
+
+        `pixel_values` are flat over the batch (row by row, as `forward` fills the spans), so the default
+        `repeat_interleave` on dim 0 would turn rows [a1 a2 | b] into images [a1 a1 a2 a2 b b] and give copies the
+        wrong images. Each row's group of images is repeated instead: [a1 a2 a1 a2 | b b]. Rows are told apart by their
+        `<img>` tokens among the positions still to be encoded (after a given cache), like the library's own
+        `_expand_multimodal_outputs` does for pre-encoded features.
+        """
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if expand_size > 1 and pixel_values is not None:
+            if input_ids is None or input_ids.numel() == 0:
+                raise ValueError("pixel_values need input_ids to locate the <img>...</img> spans; pass input_ids.")
+            new_ids = input_ids
+            cache, attention_mask = model_kwargs.get("cache"), model_kwargs.get("attention_mask")
+            if cache is not None and (attention_mask is None or attention_mask.shape[-1] == input_ids.shape[-1]):
+                new_ids = input_ids[:, cache.get_seq_length() :]  # `generate` encodes only the uncached positions
+            images_per_row = (new_ids == self.config.image_start_id).sum(-1).tolist()
+            if sum(images_per_row) != pixel_values.shape[0]:
+                raise self.transformer._image_count_error(sum(images_per_row), pixel_values.shape[0])
+            groups = pixel_values.split(images_per_row)
+            pixel_values = torch.cat([group.repeat(expand_size, *([1] * (group.ndim - 1))) for group in groups])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
 
     def chat(
         self,
