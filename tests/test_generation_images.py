@@ -118,6 +118,22 @@ def test_generate_continues_a_cached_conversation_with_new_images(tiny_model_fac
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=1e-4)
 
 
+def test_beams_continue_a_cached_conversation_with_new_images(tiny_model_factory):
+    """With a cache given, rows are matched to images by the spans of the new tokens only."""
+    model = tiny_model_factory().eval()
+    turn1, turn2, pixels1, pixels2 = two_turns(model.config)
+    conversation = torch.cat([turn1, turn2], 1)
+    with torch.no_grad():
+        expected = model(input_ids=conversation, pixel_values=torch.cat([pixels1, pixels2])).logits[:, -1]
+        cache = model(input_ids=turn1, pixel_values=pixels1, use_cache=True).cache
+    cache.batch_repeat_interleave(3)  # one cached prefix per beam
+    got = first_step_logits(
+        model, dict(input_ids=conversation, attention_mask=torch.ones_like(conversation), pixel_values=pixels2),
+        num_beams=3, cache=cache,
+    )
+    torch.testing.assert_close(got, expected.expand(3, -1), rtol=1e-4, atol=1e-4)
+
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys
