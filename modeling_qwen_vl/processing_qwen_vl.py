@@ -9,7 +9,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 
-from .grounding_qwen_vl import draw_grounding, parse_grounding
+from .grounding_qwen_vl import check_phrase, draw_grounding, parse_grounding
 from .image_processing_qwen_vl import (
     REMOTE_IMAGE_MAX_BYTES,
     REMOTE_IMAGE_TIMEOUT,
@@ -195,8 +195,7 @@ class QwenVLProcessor(ProcessorMixin):
         continues the official referring-expression prompt `<img></img><ref>{phrase}</ref>`. Decoding is greedy
         unless `generate_kwargs` say otherwise.
         """
-        if not isinstance(phrase, str) or not phrase.strip():
-            raise ValueError("`phrase` must be a non-empty string naming what to locate, e.g. 'the red car'.")
+        check_phrase(phrase)
         image = load_image(image) if isinstance(image, str) else image
         if getattr(model.generation_config, "chat_format", None) == "chatml":
             question = (prompt or "Where is {phrase}?").format(phrase=phrase)
