@@ -205,14 +205,22 @@ class QwenVLProcessor(ProcessorMixin):
         unless `generate_kwargs` say otherwise.
         """
         check_phrase(phrase)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"`prompt` must be a str template using {{phrase}} (and {{ref}}), got {type(prompt).__name__}.")
         image = load_image(image) if isinstance(image, str) else image
-        if getattr(model.generation_config, "chat_format", None) == "chatml":
-            question = (prompt or "Where is {phrase}?").format(phrase=phrase)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            text, prefix = self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), ""
+        chat = getattr(model.generation_config, "chat_format", None) == "chatml"
+        prefix = "" if chat else f"<ref>{phrase}</ref>"
+        try:
+            query = (prompt or ("Where is {phrase}?" if chat else "<img></img>{ref}")).format(ref=prefix, phrase=phrase)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"`prompt` {prompt!r} is not a template of {{phrase}} and {{ref}} ({error!r}); write braces as {{{{ }}}}."
+            ) from error
+        if chat:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}]
+            text = self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            prefix = f"<ref>{phrase}</ref>"
-            text = (prompt or "<img></img>{ref}").format(ref=prefix, phrase=phrase)
+            text = query
         inputs = self(text=text, images=[image], return_tensors="pt").to(model.device)
         generate_kwargs.setdefault("do_sample", False)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -55,3 +55,10 @@ def test_huge_coordinates_are_clipped_before_drawing():
         draw_grounding(image, [(0, 0, float("nan"), 4)])
     with pytest.raises(ValueError, match="not finite"):
         draw_grounding(image, [{"box": (0, 0, 4, 4), "polygon": [(0, float("inf"))] * 4}])
+
+
+def test_ground_refuses_prompts_that_are_not_templates(tiny_processor, tiny_model_factory):
+    model = tiny_model_factory()
+    for prompt, error in (("Where is {thing}?", ValueError), ("Where is {", ValueError), (5, TypeError)):
+        with pytest.raises(error, match="`prompt`"):
+            tiny_processor.ground(model, Image.new("RGB", (8, 8)), "the cat", prompt=prompt)
