@@ -241,6 +241,9 @@ def build_stage1_checkpoint(
         "mlp_ratio": _mlp_ratio(width, blocks[0].mlp.c_fc.out_features),
         "output_dim": lm_kwargs["hidden_size"],
     }
+    # Qwen-7B's vocabulary has `<img>` at the official id (the default); an LM config may name another one.
+    if isinstance(qwen_lm_config.get("visual"), Mapping) and "image_start_id" in qwen_lm_config["visual"]:
+        visual_config["image_start_id"] = qwen_lm_config["visual"]["image_start_id"]
     if image_size % visual_config["patch_size"]:
         raise ValueError(
             f"image_size ({image_size}) must be a multiple of the patch size ({visual_config['patch_size']})."

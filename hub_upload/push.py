@@ -19,20 +19,44 @@ from pathlib import Path, PurePosixPath
 SKIPPED_DIRS = frozenset({".git", ".cache", "__pycache__"})
 # Basenames (lower-cased, fnmatch) that look like credentials: always refused.
 SECRET_PATTERNS = (
-    ".env",
-    ".env.*",
+    ".env*",
+    "*.env",
     "*.pem",
     "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.gpg",
+    "*.asc",
     "id_rsa*",
     "id_dsa*",
     "id_ecdsa*",
     "id_ed25519*",
     ".netrc",
-    "token",
-    "*.token",
+    "_netrc",
+    ".pypirc",
+    ".npmrc",
     ".git-credentials",
-    "credentials*",
+    ".dockercfg",
+    ".htpasswd",
+    "*.token",
 )
+# Words of a basename (split at `.`, `_`, `-`; lower-cased) that mark a credential file: `hf_token`, `secrets.json`,
+# `aws-credentials`, `api_key.txt`, ... (`tokenizer.json` and `special_tokens_map.json` hold none of them).
+SECRET_WORDS = frozenset({
+    "token", "secret", "secrets", "credential", "credentials", "password", "passwords", "passwd", "apikey", "key",
+    "keys", "auth", "oauth", "htpasswd", "shadow", "netrc", "pypirc", "kubeconfig",
+})
+# Directories whose files are credentials (at any depth).
+SECRET_DIRS = frozenset({".ssh", ".aws", ".gnupg", ".docker", ".kube", ".azure", ".config"})
+# Access tokens and private keys, looked for in the content of every file (bytes; the match is never printed).
+TOKEN_PATTERNS = re.compile(
+    rb"hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,}|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,}"
+    rb"|-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----|\bAKIA[0-9A-Z]{16}\b|xox[abpr]-[A-Za-z0-9-]{20,}"
+)
+# Content scanning reads files in chunks of this size, overlapping by the longest token prefix worth matching.
+_SCAN_CHUNK, _SCAN_OVERLAP = 1 << 20, 256
 # Weight formats that unpickle (and so can run code) when loaded: refused unless `allow_pickle=True`.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Files whose `auto_map` names remote-code modules that must ship with the repository.
@@ -42,13 +66,73 @@ _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.([\w.]+)\s+import|import\s+\.([\w.]+))", re.MULTILINE)
 
 
-def _list_files(root: Path) -> list[str]:
-    """Every file under `root` as a POSIX path relative to it, sorted, skipping `SKIPPED_DIRS` at any depth."""
+def _list_files(root: Path, problems: list[str] | None = None) -> list[str]:
+    """
+    Every regular file under `root` as a POSIX path relative to it, sorted, skipping `SKIPPED_DIRS` at any depth.
+    Symbolic links are followed only when they stay inside `root`; links leaving it, links to directories and
+    special files (FIFOs, devices, sockets: reading them could block or leak) are reported in `problems` instead.
+    """
     files = []
+    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]
-        files += [Path(dirpath, name).relative_to(root).as_posix() for name in filenames]
+        for name in [*filenames, *(d for d in dirnames if Path(dirpath, d).is_symlink())]:
+            path = Path(dirpath, name)
+            relative = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    if problems is not None:
+                        problems.append(
+                            f"{relative} is a symbolic link to {target}, outside the directory: it is not uploaded; "
+                            "replace it with a copy of the file if you mean to publish it."
+                        )
+                    continue
+                if target.is_dir():
+                    if problems is not None:
+                        problems.append(f"{relative} is a symbolic link to a directory: copy the files instead.")
+                    continue
+            if not path.is_file():  # FIFOs, devices, sockets, dangling links
+                if problems is not None:
+                    problems.append(f"{relative} is not a regular file (FIFO, device, socket or dangling link).")
+                continue
+            files.append(relative)
     return sorted(files)
+
+
+def _secret_reason(relative: str) -> str | None:
+    """Why the file at POSIX path `relative` looks like a credential, by its name or directory, or None."""
+    parts = relative.lower().split("/")
+    name = parts[-1]
+    if secret_dirs := SECRET_DIRS.intersection(parts[:-1]):
+        return f"inside {sorted(secret_dirs)[0]}/"
+    if pattern := next((p for p in SECRET_PATTERNS if fnmatch.fnmatch(name, p)), None):
+        return f"name matches {pattern!r}"
+    if words := SECRET_WORDS.intersection(re.split(r"[._\-]+", name)):
+        return f"name holds {sorted(words)[0]!r}"
+    return None
+
+
+def _find_tokens(path: Path) -> str | None:
+    """The kind of access token or private key found in the file's content (never the token itself), or None."""
+    with open(path, "rb") as handle:
+        tail = b""
+        while chunk := handle.read(_SCAN_CHUNK):
+            if match := TOKEN_PATTERNS.search(tail + chunk):
+                found = match.group()
+                return "a PEM private key" if found.startswith(b"-----") else f"a token starting {found[:3].decode()!r}"
+            tail = chunk[-_SCAN_OVERLAP:]
+    return None
+
+
+def _module_path(root: Path, module: str) -> Path | None:
+    """The file of a dotted module name inside `root`, or None for names that are not identifiers (`..tmp.x`, `a/b`)
+    or that would resolve outside it."""
+    parts = module.split(".")
+    if not parts or not all(part.isidentifier() for part in parts):
+        return None
+    path = root.joinpath(*parts[:-1], parts[-1] + ".py")
+    return path if path.resolve().is_relative_to(root.resolve()) else None
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
@@ -86,13 +170,22 @@ def _check_remote_code(root: Path, problems: list[str]) -> None:
             problems.append(f"{config_name}: auto_map must be an object mapping Auto classes to 'module.Class'.")
             continue
         for auto_class, reference in _auto_map_modules(auto_map):
-            module_file = reference.rsplit(".", 1)[0].replace(".", "/") + ".py"
+            module = reference.rsplit(".", 1)[0] if "." in reference else ""
+            if _module_path(root, module) is None:
+                problems.append(
+                    f"{config_name} auto_map[{auto_class!r}] = {reference!r} is not a 'module.Class' reference to a "
+                    "file in this directory (names must be Python identifiers): fix the entry."
+                )
+                continue
+            module_file = module.replace(".", "/") + ".py"
             needed.setdefault(module_file, f"{config_name} auto_map[{auto_class!r}] = {reference!r}")
 
     pending = list(needed)
     while pending:
         module_file = pending.pop()
         path = root / module_file
+        if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+            continue  # reported by `_list_files`; never read
         if not path.is_file():
             problems.append(
                 f"{module_file} is missing but {needed[module_file]} needs it: copy the file into the directory or "
@@ -100,9 +193,12 @@ def _check_remote_code(root: Path, problems: list[str]) -> None:
             )
             continue
         for match in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8", errors="replace")):
-            imported = (
-                PurePosixPath(module_file).parent / ((match[1] or match[2]).replace(".", "/") + ".py")
-            ).as_posix()
+            parent = PurePosixPath(module_file).parent
+            module = ".".join([*(parent.parts if parent.parts != (".",) else ()), match[1] or match[2]])
+            if _module_path(root, module) is None:
+                problems.append(f"{module_file} imports .{match[1] or match[2]}, which is not a module of this directory.")
+                continue
+            imported = module.replace(".", "/") + ".py"
             if imported not in needed:
                 needed[imported] = f"{module_file} imports it"
                 pending.append(imported)
@@ -170,22 +266,34 @@ def verify_repo_dir(path: str | os.PathLike, *, allow_pickle: bool = False) -> l
     Checks: `config.json` exists; every module named in an `auto_map` (config, tokenizer, preprocessor, processor
     configs) is present, with the modules it imports relatively; the shard index and the safetensors files agree and
     every safetensors header is readable; no pickled weights (`*.bin`, `*.pt`, `*.pkl`, ...) unless `allow_pickle`;
-    no files that look like credentials (`.env`, `*.pem`, `*.key`, `id_rsa*`, `.netrc`, `token`, `*.token`,
-    `.git-credentials`, `credentials*`). `.git/`, `.cache/` and `__pycache__/` are skipped silently.
+    no files that look like credentials by name (`SECRET_PATTERNS`: `.env*`, `*.pem`, `id_rsa*`, `.netrc`,
+    `.pypirc`, ...; names holding a `SECRET_WORDS` word: `hf_token`, `secrets.json`, ...; files under `.ssh/`,
+    `.aws/`, ...) or by content (`TOKEN_PATTERNS`: Hugging Face, GitHub, AWS, Slack tokens, PEM private keys; every
+    file is scanned); nothing outside `path`: symbolic links leaving it, links to directories and special files are
+    refused, and `auto_map`/relative-import module names must be identifiers naming files inside it. `.git/`,
+    `.cache/` and `__pycache__/` are skipped silently.
 
     Returns the sorted POSIX paths (relative to `path`) to upload. Raises `ValueError` listing every problem found.
     """
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory: pass the directory written by save_pretrained.")
-    files = _list_files(root)
     problems: list[str] = []
+    files = _list_files(root, problems)
 
-    secrets = [f for f in files if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1].lower(), p) for p in SECRET_PATTERNS)]
+    secrets = {f: reason for f in files if (reason := _secret_reason(f))}
     if secrets:
         problems.append(
-            f"files that look like credentials must never be published: {', '.join(secrets)}. Move them out of the "
-            "directory."
+            "files that look like credentials must never be published: "
+            + ", ".join(f"{f} ({reason})" for f, reason in secrets.items())
+            + ". Move them out of the directory."
+        )
+    tokens = {f: kind for f in files if f not in secrets and (kind := _find_tokens(root / f))}
+    if tokens:
+        problems.append(
+            "files holding what looks like an access token or private key: "
+            + ", ".join(f"{f} ({kind})" for f, kind in tokens.items())
+            + ". Remove the secret from them (and revoke it if it was ever shared)."
         )
     if "config.json" not in files:
         problems.append("config.json is missing: save the model with save_pretrained into this directory.")

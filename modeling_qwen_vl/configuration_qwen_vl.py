@@ -1,5 +1,7 @@
 """Qwen-VL configuration: reads the official `config.json` (`model_type: "qwen"`) unchanged."""
 
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 # Defaults of the official Qwen-VL vision tower (ViT-bigG/14 at 448px); `n_queries` is fixed to 256 in the
@@ -15,6 +17,9 @@ DEFAULT_VISUAL = {
     "image_start_id": 151857,
     "n_queries": 256,
 }
+# The `visual` keys that fix the vision tower's weight shapes: a given `visual` dict must name them all (a missing one
+# would silently take the official default and build another model). `image_start_id` and `n_queries` may default.
+REQUIRED_VISUAL_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim")
 
 
 # Written into every saved config.json so a Hub repo of these files loads with `trust_remote_code=True`.
@@ -31,6 +36,7 @@ AUTO_MAP = {
 OFFICIAL_ARCHITECTURE = "QWenLMHeadModel"
 
 
+@strict
 class QwenVLConfig(PreTrainedConfig):
     r"""
     Configuration of [`QwenVLForConditionalGeneration`]. Field names are those of the official checkpoints, so an
@@ -45,6 +51,10 @@ class QwenVLConfig(PreTrainedConfig):
     `output_dim` (= `hidden_size`), `image_start_id` (id of `<img>`; `</img>` and `<imgpad>` follow it) and
     `n_queries` (image features per image: 256, a perfect square; the tokenizer's `image_span_length`
     must match it).
+
+    Like transformers' own configs this is a `huggingface_hub` `@strict` dataclass: field types are checked and
+    `validate_architecture` runs whenever a config is built or loaded (and before it is saved), so a `config.json`
+    with impossible sizes or ids fails at load with a message naming the field, not later inside the model.
 
     ```python
     >>> from modeling_qwen_vl import QwenVLConfig
@@ -62,27 +72,45 @@ class QwenVLConfig(PreTrainedConfig):
     num_attention_heads: int = 32
     kv_channels: int = 128
     intermediate_size: int = 22016
-    layer_norm_epsilon: float = 1e-6
-    initializer_range: float = 0.02
-    rotary_emb_base: float = 10000.0
-    rotary_pct: float = 1.0
+    layer_norm_epsilon: float | int = 1e-6
+    initializer_range: float | int = 0.02
+    rotary_emb_base: float | int = 10000.0
+    rotary_pct: float | int = 1.0
     seq_length: int = 2048
     max_position_embeddings: int = 8192
     use_dynamic_ntk: bool = True
     use_logn_attn: bool = True
     no_bias: bool = True
-    emb_dropout_prob: float = 0.0
-    attn_dropout_prob: float = 0.0
+    emb_dropout_prob: float | int = 0.0
+    attn_dropout_prob: float | int = 0.0
     scale_attn_weights: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
     visual: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if self.visual is not None:
+            if not isinstance(self.visual, dict):
+                raise TypeError(f"visual must be a dict of vision-tower sizes, got {type(self.visual).__name__}.")
+            if missing := [key for key in REQUIRED_VISUAL_KEYS if key not in self.visual]:
+                raise ValueError(
+                    f"visual is missing {missing}: a vision tower needs all of {list(REQUIRED_VISUAL_KEYS)} (e.g. the "
+                    "official Qwen-VL config.json's 'visual' block); add them to config.json."
+                )
         self.visual = {**DEFAULT_VISUAL, **(self.visual or {})}
         # An official config.json points its auto_map at the official remote code; ours replaces it.
         kwargs["auto_map"] = dict(AUTO_MAP)
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`PreTrainedConfig.from_pretrained`; a config.json that fails validation raises a `ValueError` naming it."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (StrictDataclassError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"Cannot load the config.json of {str(pretrained_model_name_or_path)!r}: {error}"
+            ) from error
 
     def to_dict(self) -> dict:
         """Serialise with the official architecture name, so checkpoints we write stay recognisable as Qwen-VL."""
@@ -93,6 +121,39 @@ class QwenVLConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Reject shapes the model cannot be built with, naming the fields to fix."""
+        sizes = {
+            name: getattr(self, name)
+            for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+                         "intermediate_size", "seq_length")
+        }
+        sizes.update({f"visual['{key}']": self.visual[key] for key in ("image_size", "patch_size", "width", "layers",
+                                                                       "heads", "output_dim", "n_queries")})
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        mlp_ratio, start = self.visual["mlp_ratio"], self.visual["image_start_id"]
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"visual['mlp_ratio'] must be a positive number, got {mlp_ratio!r}.")
+        if self.visual["patch_size"] > self.visual["image_size"]:
+            raise ValueError(
+                f"visual['patch_size'] ({self.visual['patch_size']}) must not exceed visual['image_size'] "
+                f"({self.visual['image_size']})."
+            )
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= self.vocab_size - 3:
+            raise ValueError(
+                f"visual['image_start_id'] ({start!r}) must be an id with room for </img> and <imgpad> after it, "
+                f"i.e. in [0, vocab_size - 3] = [0, {self.vocab_size - 3}]."
+            )
+        if not 0 < self.rotary_pct <= 1:
+            raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct!r}.")
+        rotary_dim = int(self.kv_channels * self.rotary_pct)
+        if rotary_dim % 2 or rotary_dim < 4:
+            raise ValueError(
+                f"kv_channels x rotary_pct ({rotary_dim}) rotary dimensions must be an even number of at least 4."
+            )
+        for name in ("emb_dropout_prob", "attn_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if self.kv_channels * self.num_attention_heads != self.hidden_size:
             raise ValueError(
                 f"kv_channels ({self.kv_channels}) x num_attention_heads ({self.num_attention_heads}) must equal "

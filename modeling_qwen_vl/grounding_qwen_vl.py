@@ -13,7 +13,9 @@ from numbers import Real
 import PIL.Image
 from PIL import ImageDraw, ImageFont, features
 
-_POINT = r"\(\s*(\d+)\s*,\s*(\d+)\s*\)"
+# Coordinates are on a 0-1000 scale: at most 4 digits (longer numbers make the box malformed, so no digit string can
+# make int() slow or exceed Python's digit limit).
+_POINT = r"\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)"
 _BOX_BODY = re.compile(rf"\s*{_POINT}\s*,\s*{_POINT}\s*")
 _QUAD_BODY = re.compile(rf"\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*")
 # Tag contents may not contain another grounding tag, so an unclosed tag cannot swallow the ones after it.
@@ -64,6 +66,28 @@ def _check_box(box) -> tuple[float, float, float, float]:
     return values
 
 
+def _check_point(point, index: int) -> tuple[float, float]:
+    """A polygon point `(x, y)` of two finite numbers."""
+    values = None if isinstance(point, (str, bytes, dict)) or not isinstance(point, Iterable) else tuple(point)
+    if values is None or len(values) != 2 or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"Polygon points of box {index} must be (x, y) pairs of numbers, got {point!r}.")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Polygon point {point!r} of box {index} is not finite.")
+    return values
+
+
+def check_phrase(phrase, name: str = "phrase") -> str:
+    """A referring expression: a non-empty str holding no grounding or image tags (which would inject boxes)."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError(f"`{name}` must be a non-empty string naming what to locate, e.g. 'the red car'.")
+    if match := _MARKUP.search(phrase):
+        raise ValueError(
+            f"`{name}` contains the tag {match.group()}: a phrase is plain text (tags in it would be read as the "
+            "model's own boxes); remove the tag."
+        )
+    return phrase
+
+
 def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> list[dict]:
     """
     Extract the boxes of a Qwen-VL output, in order: `[{"phrase": str | None, "box": (x1, y1, x2, y2)}]`.
@@ -71,7 +95,8 @@ def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> lis
     A box gets the phrase of the `<ref>` it follows (directly or after other boxes of the same ref, whitespace
     allowed); other boxes get `None`. A `<quad>` gives an entry with `"polygon"` (its four points) and `"box"` (their
     bounding box). With `image_size=(width, height)` coordinates are pixels of that image (floats,
-    `x * width / 1000`); otherwise they are the model's 0-1000 integers. Malformed boxes are skipped.
+    `x * width / 1000`); otherwise they are the model's 0-1000 integers. Malformed boxes (including coordinates of
+    more than 4 digits) are skipped.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}.")
@@ -163,7 +188,8 @@ def draw_grounding(
     `text_or_boxes` is Qwen-VL output text (parsed with `image.size`), the list returned by
     `parse_grounding(text, image.size)`, or plain `(x1, y1, x2, y2)` boxes, all in pixels. `line_width` defaults to
     about 1/250 of the longer side; `font` defaults to PIL's built-in font scaled to the image (pass a font with CJK
-    glyphs to label such phrases).
+    glyphs to label such phrases). Coordinates are clipped to the image before drawing, so any box costs at most the
+    image's size; a coordinate that is not finite raises a `ValueError`.
     """
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}.")
@@ -183,12 +209,23 @@ def draw_grounding(
         font_size = max(10, round(longer / 40))
         font = ImageFont.load_default(font_size) if features.check_module("freetype2") else ImageFont.load_default()
 
+    line_width = min(line_width, longer)
+    # Everything is drawn clipped to just outside the image, so huge coordinates cost no more than the image's size.
+    low, high_x, high_y = -line_width, canvas.width + line_width, canvas.height + line_width
+
+    def clip(x, y):
+        return min(max(x, low), high_x), min(max(y, low), high_y)
+
     for index, entry in enumerate(entries):
         color = _COLORS[index % len(_COLORS)]
-        x1, y1, x2, y2 = _check_box(entry.get("box"))
+        box = _check_box(entry.get("box"))
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"Box {index} ({box!r}) has a coordinate that is not a finite number.")
+        x1, y1, x2, y2 = (*clip(*box[:2]), *clip(*box[2:]))
         left, top, right, bottom = min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
         if entry.get("polygon") is not None:
-            draw.polygon([tuple(point) for point in entry["polygon"]], outline=color, width=line_width)
+            points = [_check_point(point, index) for point in entry["polygon"]]
+            draw.polygon([clip(*point) for point in points], outline=color, width=line_width)
         else:
             draw.rectangle((left, top, right, bottom), outline=color, width=line_width)
         if entry.get("phrase"):

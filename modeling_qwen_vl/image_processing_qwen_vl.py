@@ -150,6 +150,24 @@ def _open_rgb(file, name: str) -> PIL.Image.Image:
         raise ValueError(_undecodable(name, error)) from error
 
 
+def _float_image_to_uint8(image, name: str) -> np.ndarray:
+    """
+    A float image as the uint8 image it stands for: values in [0, 1] are scaled by 255, values in [0, 255] are taken
+    as they are. Converting first makes float input give exactly the pixels of the same uint8 image (the official
+    pipeline works on uint8), instead of being rescaled by 1/255 a second time.
+    """
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"Cannot use {name}: it holds NaN or infinite values.")
+    low, high = array.min(), array.max()
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"Cannot use {name}: float pixel values must lie in [0, 1] (or [0, 255]), got [{low:g}, {high:g}]; pass "
+            "the original uint8 image or a PIL image (already normalised values cannot be preprocessed again)."
+        )
+    return np.round(array * 255 if high <= 1 else array).astype(np.uint8)
+
+
 def _undecodable(name: str, error: Exception) -> str:
     """Message for an image whose data PIL failed to decode."""
     return (
@@ -173,7 +191,8 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
 
     Accepts PIL images of any mode (16-bit and float modes are converted as `convert("RGB")` does, i.e. values
     above 255 saturate, like the official pipeline; animations give their current frame), uint8
-    `np.ndarray`/`torch.Tensor` images (HWC or CHW; 1, 3 or 4 channels), local file paths (never URLs: the processor
+    `np.ndarray`/`torch.Tensor` images (HWC or CHW; 1, 3 or 4 channels; float images with values in [0, 1] or
+    [0, 255] are first converted to the uint8 image they stand for, so they are never rescaled twice), local file paths (never URLs: the processor
     fetches those when allowed) and (nested) lists of them. An image that cannot be used (corrupt or truncated file,
     EPS, whose decoding runs Ghostscript, more pixels than `PIL.Image.MAX_IMAGE_PIXELS` still to decode, an empty
     array, an array whose channel axis is ambiguous without `input_data_format`, ...) raises a `ValueError` naming
@@ -209,6 +228,8 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
         for index, image in enumerate(images):
             name = f"image {index}"
             if isinstance(image, PIL.Image.Image):
+                if 0 in image.size:
+                    raise ValueError(f"Cannot use {name}: it is empty ({image.width}x{image.height} pixels).")
                 image = decode_image(image, name)
             elif 0 in image.shape:
                 raise ValueError(f"Cannot use {name}: it is empty (shape {tuple(image.shape)}).")
@@ -217,6 +238,8 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
                     f"Cannot use {name}: its shape {tuple(image.shape)} could hold the channels first or last; pass "
                     "input_data_format='channels_last' (HWC) or 'channels_first' (CHW)."
                 )
+            elif "float" in str(image.dtype):  # numpy and torch float dtypes
+                image = _float_image_to_uint8(image, name)
             try:
                 prepared.append(self.process_image(image, *args, **kwargs))
             except (ValueError, TypeError, OSError) as error:

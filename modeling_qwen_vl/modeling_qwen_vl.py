@@ -5,11 +5,15 @@ Module and parameter names follow the official checkpoints (`transformer.wte`, `
 and the checkpoints this code writes stay loadable by the official code and by serving engines.
 """
 
+import json
 import math
+import os
+import struct
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -398,6 +402,258 @@ class QwenVLBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
+def _broken_safetensors(path: str) -> bool:
+    """Whether `path` is a `.safetensors` file whose header is unreadable or describes more bytes than it holds."""
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return False
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8 or (header_length := struct.unpack("<Q", prefix)[0]) > size - 8:
+            return True
+        try:
+            header = json.loads(handle.read(header_length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return True
+    return 8 + header_length + end > size
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input validation at the model's public boundary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _first_row(rows: torch.Tensor) -> int:
+    """Index of the first True entry of a [batch] bool tensor (only called on the error path)."""
+    return int(rows.nonzero()[0, 0])
+
+
+def validate_model_inputs(
+    config: QwenVLConfig,
+    input_ids,
+    attention_mask,
+    position_ids,
+    cache,
+    inputs_embeds,
+    pixel_values,
+    is_prefill_fn: Callable[[Cache | None], bool],
+) -> tuple[torch.Tensor | None, Cache | None]:
+    """
+    Check the inputs of `QwenVLModel.forward` once, raising a `TypeError`/`ValueError` that names the argument, says
+    what was expected and how to fix it, instead of a torch error deep inside the model (or a CUDA device assert).
+
+    Cheap input forms are accepted and returned normalised: `pixel_values` as a list of `[3, S, S]` images, one
+    `[3, S, S]` image, or channels-last `[N, S, S, 3]`; a legacy tuple `past_key_values` (`((key, value), ...)` per
+    layer) becomes a `DynamicCache`. Returns `(pixel_values, cache)`.
+
+    Cost: shape and type checks only (no device synchronisation) on single-token decoding steps; the data checks (ids
+    within the vocabulary, every row's `<img>...</img>` spans closed, unnested and `n_queries` long) are vectorised
+    and run on the prompt (any call with more than one new token). Nothing is checked inside `torch.compile` graphs.
+    """
+    if is_torchdynamo_compiling():
+        return pixel_values, cache
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"input_ids must be a torch.LongTensor of shape [batch, length], got {type(input_ids).__name__}: "
+                "use the processor/tokenizer with return_tensors='pt'."
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}: use .long().")
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}"
+                + (": add the batch dimension with input_ids[None]." if input_ids.ndim == 1 else ".")
+            )
+        batch, length = input_ids.shape
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a float tensor, got {type(inputs_embeds).__name__}.")
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, hidden_size={config.hidden_size}], got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        batch, length = inputs_embeds.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(
+            f"{'input_ids' if input_ids is not None else 'inputs_embeds'} is empty (shape "
+            f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}): pass at least one token per row."
+        )
+
+    cache = _validate_cache(config, cache, batch)
+    past_length = cache.get_seq_length() if cache is not None else 0
+    if isinstance(past_length, torch.Tensor):  # compilable caches count on device; reading it would synchronise
+        past_length = None
+
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}.")
+        if attention_mask.ndim == 2:
+            expected = None if past_length is None else past_length + length
+            if attention_mask.shape[0] != batch or (expected is not None and attention_mask.shape[1] != expected):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch={batch}, "
+                    f"{'cached + new tokens=' if past_length else 'length='}{expected or length}]: one entry per "
+                    "token of input_ids (and of the cache); pass the mask the processor returned with these ids."
+                )
+        elif attention_mask.ndim == 4:
+            if not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point()):
+                raise TypeError(
+                    f"A 4-D attention_mask must be bool (True = attend) or additive floats, got {attention_mask.dtype}."
+                )
+            too_short = past_length is not None and attention_mask.shape[-1] < past_length + length
+            if attention_mask.shape[0] not in (1, batch) or attention_mask.shape[-2] != length or too_short:
+                raise ValueError(
+                    f"A 4-D attention_mask must have shape [batch={batch}, 1, length={length}, key length], got "
+                    f"{tuple(attention_mask.shape)}."
+                )
+        else:
+            raise ValueError(
+                f"attention_mask must have shape [batch, length] (or a 4-D additive mask), got "
+                f"{tuple(attention_mask.shape)}."
+            )
+
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+            raise TypeError("position_ids must be an integer torch.Tensor of shape [batch, length].")
+        if position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+            raise ValueError(
+                f"position_ids must have shape [batch={batch}, length={length}] (one position per new token), got "
+                f"{tuple(position_ids.shape)}; omit them to count positions from the cache."
+            )
+
+    if pixel_values is not None:
+        pixel_values = _validate_pixel_values(config, pixel_values)
+
+    if input_ids is not None and (length > 1 or is_prefill_fn(cache)):
+        _validate_ids(config, input_ids)
+    return pixel_values, cache
+
+
+def _validate_cache(config: QwenVLConfig, cache, batch: int) -> Cache | None:
+    """A `Cache` of this model's shapes; a legacy tuple of per-layer `(key, value)` becomes a `DynamicCache`."""
+    if cache is None or isinstance(cache, Cache):
+        pass
+    elif isinstance(cache, (tuple, list)) and all(
+        isinstance(layer, (tuple, list)) and len(layer) >= 2 and all(isinstance(t, torch.Tensor) for t in layer[:2])
+        for layer in cache
+    ):
+        cache = DynamicCache(cache, config=config) if len(cache) == config.num_hidden_layers else cache
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"cache/past_key_values must be a transformers Cache (e.g. DynamicCache) or a legacy tuple of "
+            f"{config.num_hidden_layers} (key, value) pairs, got {type(cache).__name__}"
+            + (f" of length {len(cache)}" if isinstance(cache, (tuple, list)) else "")
+            + ": pass the `cache` of this model's previous output."
+        )
+    heads, head_dim = config.num_attention_heads, config.kv_channels
+    layers = getattr(cache, "layers", None) or []
+    if layers and len(layers) != config.num_hidden_layers and (
+        getattr(cache, "layer_class_to_replicate", None) is None or cache.get_seq_length() != 0
+    ):
+        raise ValueError(
+            f"The cache holds {len(layers)} layers but this model has {config.num_hidden_layers}: it belongs to another "
+            "model; start a new one (omit `cache`) or pass the cache this model returned."
+        )
+    keys = getattr(layers[0], "keys", None) if layers and getattr(layers[0], "is_initialized", False) else None
+    if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.numel():
+        if keys.shape[1] != heads or keys.shape[3] != head_dim or keys.shape[0] != batch:
+            raise ValueError(
+                f"The cache holds keys of shape {tuple(keys.shape)} but this model and batch need [batch={batch}, "
+                f"heads={heads}, length, head_dim={head_dim}]: it belongs to another model or batch; start a new one "
+                "(omit `cache`)."
+            )
+    return cache
+
+
+def _validate_pixel_values(config: QwenVLConfig, pixel_values) -> torch.Tensor:
+    """`pixel_values` as [N, 3, S, S] float: lists of images and channels-last layouts are converted."""
+    if isinstance(pixel_values, (list, tuple)):
+        if not pixel_values or not all(isinstance(image, torch.Tensor) for image in pixel_values):
+            raise TypeError("pixel_values given as a list must be a non-empty list of image tensors [3, S, S].")
+        images = [image[None] if image.ndim == 3 else image for image in pixel_values]
+        if any(image.ndim != 4 or image.shape[1:] != images[0].shape[1:] for image in images):
+            raise ValueError(
+                f"pixel_values given as a list must hold images of one shape [3, S, S], got "
+                f"{[tuple(image.shape) for image in pixel_values]}."
+            )
+        pixel_values = torch.cat(images)
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a float torch.Tensor [images, 3, S, S], got {type(pixel_values).__name__}: use "
+            "the processor's output (return_tensors='pt')."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be normalised floats, got dtype {pixel_values.dtype}: preprocess raw images with "
+            "QwenVLImageProcessor (or the processor) first."
+        )
+    if pixel_values.ndim == 3:
+        pixel_values = pixel_values[None]
+    if pixel_values.ndim == 4 and pixel_values.shape[1] != 3 and pixel_values.shape[-1] == 3:
+        pixel_values = pixel_values.permute(0, 3, 1, 2)  # channels-last
+    size, patch = config.visual["image_size"], config.visual["patch_size"]
+    if (
+        pixel_values.ndim != 4
+        or pixel_values.shape[1] != 3
+        or pixel_values.shape[2] < patch
+        or pixel_values.shape[2] // patch != pixel_values.shape[3] // patch
+    ):
+        raise ValueError(
+            f"pixel_values must have shape [images, 3, {size}, {size}] (square images of the model's "
+            f"visual['image_size']), got {tuple(pixel_values.shape)}: preprocess the images with the processor."
+        )
+    return pixel_values
+
+
+def _validate_ids(config: QwenVLConfig, input_ids: torch.Tensor) -> None:
+    """Vectorised: ids within the vocabulary; in every row, closed, unnested `<img>` spans of `n_queries` slots."""
+    out_of_range = ((input_ids < 0) | (input_ids >= config.vocab_size)).any(-1)
+    starts, ends = input_ids == config.image_start_id, input_ids == config.image_end_id
+    depth = starts.long().cumsum(-1) - ends.long().cumsum(-1)
+    unbalanced = (depth < 0).any(-1) | (depth > 1).any(-1) | (depth[:, -1] != 0)
+    slots = ((depth > 0) & ~starts).sum(-1)
+    wrong_length = slots != starts.sum(-1) * config.visual["n_queries"]
+    if not bool((out_of_range | unbalanced | wrong_length).any()):
+        return
+    if bool(out_of_range.any()):
+        row = _first_row(out_of_range)
+        bad = input_ids[row][(input_ids[row] < 0) | (input_ids[row] >= config.vocab_size)][0]
+        raise ValueError(
+            f"input_ids[{row}] holds the id {int(bad)}, outside the model's vocabulary [0, {config.vocab_size}): use "
+            "the tokenizer that belongs to this model."
+        )
+    if bool(unbalanced.any()):
+        raise ValueError(
+            f"input_ids[{_first_row(unbalanced)}] has an unclosed, unopened or nested <img>...</img> span "
+            f"(ids {config.image_start_id}/{config.image_end_id}): every row must close each image span it opens."
+        )
+    raise ValueError(
+        f"input_ids[{_first_row(wrong_length)}]: every <img>...</img> span must hold exactly "
+        f"{config.visual['n_queries']} tokens between the tags (the model's visual['n_queries']): use a tokenizer "
+        "whose image_span_length is the same."
+    )
+
+
+def validate_labels(labels, input_ids, inputs_embeds, vocab_size: int) -> None:
+    """`labels` of `QwenVLForConditionalGeneration.forward`: integer ids [batch, length] in the vocabulary, or -100."""
+    if labels is None or is_torchdynamo_compiling():
+        return
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError("labels must be an integer torch.Tensor of shape [batch, length] (-100 for ignored positions).")
+    reference = input_ids if input_ids is not None else inputs_embeds
+    shape = tuple(reference.shape[:2]) if isinstance(reference, torch.Tensor) else None
+    if shape is not None and tuple(labels.shape) != shape:
+        raise ValueError(
+            f"labels must have the shape of input_ids {shape} (they are shifted inside the model), got "
+            f"{tuple(labels.shape)}."
+        )
+    if bool((((labels < 0) & (labels != -100)) | (labels >= vocab_size)).any()):
+        raise ValueError(f"labels must be token ids in [0, {vocab_size}) or -100 (ignored), got other values.")
+
+
 class QwenVLPreTrainedModel(PreTrainedModel):
     config: QwenVLConfig
     config_class = QwenVLConfig
@@ -408,6 +664,24 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; an unreadable or truncated safetensors file raises a `ValueError` that
+        names it (for a local directory) instead of safetensors' bare "Error while deserializing header"."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            where = str(pretrained_model_name_or_path)
+            folder = os.path.join(where, kwargs.get("subfolder") or "")
+            broken = sorted(name for name in os.listdir(folder) if _broken_safetensors(os.path.join(folder, name))) if (
+                os.path.isdir(folder)
+            ) else []
+            raise ValueError(
+                f"Cannot load the weights of {where!r}: {', '.join(broken) or 'a safetensors file'} is not a valid "
+                f"safetensors file ({error}); it is truncated or corrupt (or a Git LFS pointer): download or save it "
+                "again."
+            ) from error
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -535,6 +809,9 @@ class QwenVLModel(QwenVLPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
+        pixel_values, cache = validate_model_inputs(
+            self.config, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, self._is_prefill
+        )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -642,6 +919,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         only the images of the new tokens (a later turn's own images). `labels` use -100 for ignored positions and are
         shifted inside (next-token loss, mean over kept targets).
         """
+        validate_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,

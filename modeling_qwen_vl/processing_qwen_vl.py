@@ -9,7 +9,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 
-from .grounding_qwen_vl import draw_grounding, parse_grounding
+from .grounding_qwen_vl import check_phrase, draw_grounding, parse_grounding
 from .image_processing_qwen_vl import (
     REMOTE_IMAGE_MAX_BYTES,
     REMOTE_IMAGE_TIMEOUT,
@@ -168,6 +168,15 @@ class QwenVLProcessor(ProcessorMixin):
             sanitize_control_tokens = bool(kwargs.get("tokenize")) and not kwargs.get("return_assistant_tokens_mask")
         return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
 
+    def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
+        """
+        Check every message item before transformers collects (and, for audio and video, loads) the media of a
+        conversation: only `text` and `image` items are accepted, so no audio or video file or URL is ever opened.
+        Images are opened later by `__call__` (URLs only with `allow_remote_images=True`).
+        """
+        _check_conversations(conversations)
+        return super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
+
     def post_process_grounding(self, text: str, image_size: tuple[int, int] | None = None) -> list[dict]:
         """Boxes (and phrases) in the generated `text`, in pixels of an image of `image_size=(width, height)`."""
         return parse_grounding(text, image_size)
@@ -195,16 +204,23 @@ class QwenVLProcessor(ProcessorMixin):
         continues the official referring-expression prompt `<img></img><ref>{phrase}</ref>`. Decoding is greedy
         unless `generate_kwargs` say otherwise.
         """
-        if not isinstance(phrase, str) or not phrase.strip():
-            raise ValueError("`phrase` must be a non-empty string naming what to locate, e.g. 'the red car'.")
+        check_phrase(phrase)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"`prompt` must be a str template using {{phrase}} (and {{ref}}), got {type(prompt).__name__}.")
         image = load_image(image) if isinstance(image, str) else image
-        if getattr(model.generation_config, "chat_format", None) == "chatml":
-            question = (prompt or "Where is {phrase}?").format(phrase=phrase)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            text, prefix = self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), ""
+        chat = getattr(model.generation_config, "chat_format", None) == "chatml"
+        prefix = "" if chat else f"<ref>{phrase}</ref>"
+        try:
+            query = (prompt or ("Where is {phrase}?" if chat else "<img></img>{ref}")).format(ref=prefix, phrase=phrase)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"`prompt` {prompt!r} is not a template of {{phrase}} and {{ref}} ({error!r}); write braces as {{{{ }}}}."
+            ) from error
+        if chat:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}]
+            text = self.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            prefix = f"<ref>{phrase}</ref>"
-            text = (prompt or "<img></img>{ref}").format(ref=prefix, phrase=phrase)
+            text = query
         inputs = self(text=text, images=[image], return_tensors="pt").to(model.device)
         generate_kwargs.setdefault("do_sample", False)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
@@ -240,6 +256,35 @@ def _check_texts(text) -> list[str]:
         # The tokenizer sees the NFC form, where a combining mark may have merged into a tag's '>'.
         check_markup(unicodedata.normalize("NFC", sample), f"text[{row}]")
     return list(texts)
+
+
+def _check_conversations(conversations: list[list[dict]]) -> None:
+    """
+    Message items are dicts of type `text` (with a str `text`) or `image`. A typed text item may not name an image
+    file in an `<img>path</img>` span: with typed content, images come only from image items, so user text cannot make
+    the processor open a file. (Plain string content keeps the official convention: `<img>path</img>` opens `path`.)
+    """
+    for row, conversation in enumerate(conversations):
+        for turn, message in enumerate(conversation):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, (list, tuple)):
+                continue
+            for index, item in enumerate(content):
+                where = f"conversation {row}, message {turn}, content item {index}"
+                kind = item.get("type") if isinstance(item, dict) else None
+                if kind not in ("text", "image"):
+                    raise ValueError(
+                        f"{where} is of type {kind!r}: Qwen-VL takes only 'text' and 'image' items (nothing else is "
+                        "loaded or fetched); remove it or describe it in text."
+                    )
+                if kind == "text":
+                    if not isinstance(item.get("text"), str):
+                        raise TypeError(f"{where} is a text item whose 'text' is not a str: {item!r}")
+                    if any(IMAGE_SPAN.findall(item["text"])):
+                        raise ValueError(
+                            f"{where}: a text item holds an <img>path</img> span; pass the image as an "
+                            "{'type': 'image', ...} item instead (paths in typed text items are never opened)."
+                        )
 
 
 def _match_images(images, row_spans: list[list[str]]) -> list[list[tuple[str, object]]]:

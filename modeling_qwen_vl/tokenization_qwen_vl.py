@@ -195,6 +195,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                 f"(e.g. byte {missing[0]})"
             )
         self.special_tokens = {token: num_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self._piece_encoding = None  # built on first need by `_bpe_encode`
         self.errors = errors
         self.encoding = tiktoken.Encoding(
             "qwen_vl", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
@@ -306,13 +307,40 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         text.append(chat[position:])
         return ids + (self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else [])
 
+    def _bpe_encode(self, text: str, allowed_special: set[str] | str) -> list[int]:
+        """
+        tiktoken's `encode`. Its regex engine gives up on some long inputs (a run of about a million spaces exceeds its
+        backtracking stack); those are split into the same pre-tokenization pieces by Python's `regex` module (the
+        same pattern, whitespace spelled as the Unicode property tiktoken's engine uses) and each piece is BPE-encoded
+        whole, which is exactly what tiktoken does, so the ids are those tiktoken gives wherever it succeeds.
+        """
+        try:
+            return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        except ValueError as error:
+            if "regex" not in str(error).lower():
+                raise
+        specials = self.special_tokens if allowed_special == "all" else set(allowed_special)
+        splitter = re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) or "(?!)")
+        if self._piece_encoding is None:  # BPE without pre-tokenization: one piece in, its ids out
+            self._piece_encoding = tiktoken.Encoding(
+                "qwen_vl_piece", pat_str=r"[\s\S]+", mergeable_ranks=self.mergeable_ranks, special_tokens={}
+            )
+        ids, position = [], 0
+        for match in [*splitter.finditer(text), None]:
+            segment = text[position : match.start() if match else len(text)]
+            ids += [i for piece in _pieces(segment) for i in self._piece_encoding.encode_ordinary(piece)]
+            if match:
+                ids.append(self.special_tokens[match.group()])
+                position = match.end()
+        return ids
+
     def _encode_ids(self, text: str, allowed_special: set[str] | str = "all") -> list[int]:
         """
         NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`) and lay
         out every `<img>...</img>` span as `image_span_length + 2` ids.
         """
         text = unicodedata.normalize("NFC", text)
-        ids = self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        ids = self._bpe_encode(text, allowed_special)
         if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []
@@ -558,6 +586,20 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         if position < len(text):
             elements.append({"text": text[position:]})
         return elements
+
+
+def _pieces(text: str) -> list[str]:
+    """tiktoken's pre-tokenization of `text` (the pieces `PAT_STR` matches), computed without a backtracking limit."""
+    import regex  # a dependency of transformers; needed only for inputs tiktoken's regex engine gives up on
+
+    global _PIECE_PATTERN
+    if _PIECE_PATTERN is None:
+        # tiktoken's engine (Rust `fancy-regex`) reads `\s` as the Unicode White_Space property; Python's differs.
+        _PIECE_PATTERN = regex.compile(PAT_STR.replace(r"\s", r"\p{White_Space}").replace(r"\S", r"\P{White_Space}"))
+    return _PIECE_PATTERN.findall(text)
+
+
+_PIECE_PATTERN = None
 
 
 def _find(ids: list[int], token_id: int, start: int) -> int:

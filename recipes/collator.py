@@ -19,7 +19,7 @@ from .data import BadRecordError, Example, load_image
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SKIP_REASONS = ("malformed", "missing_image", "corrupt_image", "too_long", "no_targets")
+SKIP_REASONS = ("malformed", "missing_image", "corrupt_image", "outside_image_root", "too_long", "no_targets")
 
 
 @dataclass
@@ -72,7 +72,9 @@ class QwenVLDataCollator:
             first label of each example is -100 so no example predicts the next one's first token. Padding at the
             end of a row is one more such segment, all labels -100. `per_device_train_batch_size` then counts
             examples, not rows.
-        image_root (`str`, *optional*): Directory that relative image paths are resolved against.
+        image_root (`str`, *optional*): Directory that relative image paths are resolved against; images outside it
+            (`../`, absolute paths elsewhere, symlinks leaving it) are skipped as `outside_image_root`.
+        allow_images_outside_root (`bool`): Open images outside `image_root` too (trusted data only).
 
     Bad records (see [`BadRecordError`]) are skipped; `skipped` counts them by reason, over the DataLoader worker
     processes too. A batch never ends up empty: when all its records are bad, the last good example this collator
@@ -86,6 +88,7 @@ class QwenVLDataCollator:
         max_length: int = 2048,
         packing: bool = False,
         image_root: str | None = None,
+        allow_images_outside_root: bool = False,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -95,6 +98,7 @@ class QwenVLDataCollator:
         self.max_length = max_length
         self.packing = packing
         self.image_root = image_root
+        self.allow_images_outside_root = allow_images_outside_root
         # Shared memory, so counts made in DataLoader worker processes are visible here.
         self._skipped = multiprocessing.Array("q", len(SKIP_REASONS))
         self._last_good: EncodedExample | None = None
@@ -125,8 +129,13 @@ class QwenVLDataCollator:
 
     def encode(self, record: dict) -> EncodedExample:
         """Render, load images, tokenize and label one record; raises `BadRecordError` for a bad one."""
-        example = self.render(record, self.tokenizer)
-        images = [load_image(reference, self.image_root) for reference in example.images]
+        try:
+            example = self.render(record, self.tokenizer)
+        except (TypeError, AttributeError, KeyError, IndexError) as error:  # a record of a shape the renderer missed
+            raise BadRecordError("malformed", f"{type(error).__name__}: {error}") from None
+        images = [
+            load_image(reference, self.image_root, self.allow_images_outside_root) for reference in example.images
+        ]
         inputs = {}
         if example.text:  # empty for pure-text examples, whose whole text is the completion
             try:

@@ -38,7 +38,7 @@ RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", EOS)
 
 class BadRecordError(ValueError):
     """A record that cannot be trained on; `reason` is one of `malformed`, `missing_image`, `corrupt_image`,
-    `too_long`, `no_targets`."""
+    `outside_image_root`, `too_long`, `no_targets`."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(f"{reason}: {message}")
@@ -99,10 +99,23 @@ def _fill(template: str, record: dict, task: str) -> str:
     return template.format(**values)
 
 
+def _check_record(record) -> dict:
+    """A record must be a mapping (a JSON object); anything else (None, a list, a number) is malformed."""
+    if not isinstance(record, dict):
+        raise BadRecordError("malformed", f"a record must be a JSON object, got {type(record).__name__}: {record!r:.80}")
+    return record
+
+
+def _check_list(value, what: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise BadRecordError("malformed", f"{what} must be a list, got {type(value).__name__}: {value!r:.80}")
+    return list(value)
+
+
 def render_task(record: dict, tokenizer=None) -> Example:
     """Multi-task pre-training: `record["task"]` names a format of `TASK_FORMATS`; its image is `record["image"]`."""
-    task = record.get("task")
-    if task not in TASK_FORMATS:
+    task = _check_record(record).get("task")
+    if not isinstance(task, str) or task not in TASK_FORMATS:
         raise BadRecordError("malformed", f"unknown task {task!r}; expected one of {sorted(TASK_FORMATS)}")
     prompt, completion = TASK_FORMATS[task]
     images = [record.get("image")] * prompt.count("<img>")
@@ -116,6 +129,7 @@ def render_task(record: dict, tokenizer=None) -> Example:
 
 def render_caption_pair(record: dict, tokenizer=None) -> Example:
     """Stage-1 pre-training: an image-caption pair in the `caption` format (WebDataset keys accepted)."""
+    _check_record(record)
     image = next((record[key] for key in IMAGE_KEYS if record.get(key) is not None), None)
     caption = next((record[key] for key in CAPTION_KEYS if record.get(key) is not None), None)
     if image is None:
@@ -128,8 +142,8 @@ def render_caption_pair(record: dict, tokenizer=None) -> Example:
 def _official_messages(conversations) -> tuple[list[dict], list]:
     """Official fine-tuning turns -> (messages, image paths); each `<img>path</img>` becomes an empty span."""
     messages, images = [], []
-    for turn in conversations:
-        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+    for turn in _check_list(conversations, "'conversations'"):
+        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) and isinstance(turn.get("from"), str) else None
         if role is None:
             raise BadRecordError("malformed", f"turn {turn!r} needs 'from' in {sorted(ROLES)} and a 'value'")
         content = _check_text(turn.get("value"), f"{role} turn")
@@ -141,7 +155,7 @@ def _official_messages(conversations) -> tuple[list[dict], list]:
 def _trl_messages(messages, images) -> tuple[list[dict], list]:
     """TRL messages (string content, or lists of `{"type": "image"}` / `{"type": "text", "text"}` items)."""
     rendered, placeholders = [], 0
-    for message in messages:
+    for message in _check_list(messages, "'messages'"):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("system", "user", "assistant"):
             raise BadRecordError("malformed", f"message {message!r} needs a role among system/user/assistant")
@@ -161,7 +175,7 @@ def _trl_messages(messages, images) -> tuple[list[dict], list]:
         else:
             content = _check_text(content, f"{role} message")
         rendered.append({"role": role, "content": content})
-    images = list(images or [])
+    images = [] if images is None else _check_list(images, "'images'")
     if placeholders != len(images):
         raise BadRecordError("malformed", f"{placeholders} image placeholders but {len(images)} images")
     return rendered, images
@@ -169,7 +183,7 @@ def _trl_messages(messages, images) -> tuple[list[dict], list]:
 
 def render_dialogue(record: dict, tokenizer) -> Example:
     """SFT: a dialogue rendered with the tokenizer's ChatML template (default system message when none is given)."""
-    if record.get("conversations") is not None:
+    if _check_record(record).get("conversations") is not None:
         messages, images = _official_messages(record["conversations"])
     elif record.get("messages") is not None:
         messages, images = _trl_messages(record["messages"], record.get("images"))
@@ -185,14 +199,21 @@ def render_dialogue(record: dict, tokenizer) -> Example:
     return Example(text=text, images=images)
 
 
-def load_image(reference, image_root: str | None = None) -> PIL.Image.Image:
+def load_image(
+    reference, image_root: str | None = None, allow_outside_image_root: bool = False
+) -> PIL.Image.Image:
     """Open an image reference (path, `{"bytes", "path"}` dict, PIL image) as RGB, fully decoded.
 
-    Relative paths are resolved against `image_root`. Raises `BadRecordError` (`missing_image` or `corrupt_image`).
+    Relative paths are resolved against `image_root`. With an `image_root`, only files inside it are opened: a path
+    that leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is refused as `outside_image_root`
+    unless `allow_outside_image_root=True`. Raises `BadRecordError` (`missing_image`, `corrupt_image`,
+    `outside_image_root`).
     """
     if isinstance(reference, PIL.Image.Image):
         return reference.convert("RGB")
     if isinstance(reference, dict) and reference.get("bytes"):
+        if not isinstance(reference["bytes"], (bytes, bytearray)):
+            raise BadRecordError("malformed", f"image 'bytes' must be bytes, got {type(reference['bytes']).__name__}")
         source = io.BytesIO(reference["bytes"])
     else:
         source = reference.get("path") if isinstance(reference, dict) else reference
@@ -200,8 +221,8 @@ def load_image(reference, image_root: str | None = None) -> PIL.Image.Image:
             raise BadRecordError("missing_image", f"no image in {reference!r}")
         if source.startswith(("http://", "https://")):
             raise BadRecordError("missing_image", f"remote image {source!r}: download the images first")
-        if image_root and not os.path.isabs(source):
-            source = os.path.join(image_root, source)
+        if image_root:
+            source = _inside_root(source, image_root, allow_outside_image_root)
         if not os.path.isfile(source):
             raise BadRecordError("missing_image", f"no image file {source!r}")
     where = "image bytes" if isinstance(source, io.BytesIO) else repr(source)
@@ -209,6 +230,22 @@ def load_image(reference, image_root: str | None = None) -> PIL.Image.Image:
         return _open_rgb(source, where)  # decodes every pixel: truncated files fail here, not in the model
     except ValueError as error:
         raise BadRecordError("corrupt_image", str(error)) from None
+
+
+def _inside_root(source: str, image_root: str, allow_outside: bool) -> str:
+    """`source` (relative to `image_root`, or absolute) resolved through symlinks; it must stay inside the root."""
+    root = os.path.realpath(image_root)
+    try:
+        resolved = os.path.realpath(os.path.join(root, source))
+    except (OSError, ValueError) as error:  # e.g. a NUL byte in the path
+        raise BadRecordError("missing_image", f"unusable image path {source!r}: {error}") from None
+    if not allow_outside and os.path.commonpath([root, resolved]) != root:
+        raise BadRecordError(
+            "outside_image_root",
+            f"image {source!r} resolves to {resolved!r}, outside image_root {image_root!r} (pass "
+            "allow_outside_image_root / --allow_images_outside_root true to read it anyway)",
+        )
+    return resolved
 
 
 def _local_files(entry: str) -> list[str]:

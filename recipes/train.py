@@ -99,7 +99,12 @@ class RecipeArguments:
     data_split: str = field(default="train", metadata={"help": "Split to train on."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (pre-training-scale corpora)."})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "Shuffle buffer size when streaming."})
-    image_root: str | None = field(default=None, metadata={"help": "Directory of relative image paths."})
+    image_root: str | None = field(
+        default=None, metadata={"help": "Directory of relative image paths; images outside it are skipped."}
+    )
+    allow_images_outside_root: bool = field(
+        default=False, metadata={"help": "Also open images outside --image_root (trusted data only)."}
+    )
     image_size: int | None = field(default=None, metadata={"help": "Image side (default: 224 pretrain, else 448)."})
     max_length: int = field(default=2048, metadata={"help": "Longest example, and packed row, in tokens."})
     packing: bool | None = field(default=None, metadata={"help": "Pack same-task examples (default: multitask)."})
@@ -207,7 +212,9 @@ def run(argv: list[str]) -> RecipeTrainer:
     logger.info("Stage %s at %dpx, trainable parameters: %s", stage_name, image_size, trainable)
 
     dataset = load_records(recipe.data, recipe.data_split, recipe.data_config, recipe.streaming)
-    collator = QwenVLDataCollator(processor, stage.render, recipe.max_length, packing, recipe.image_root)
+    collator = QwenVLDataCollator(
+        processor, stage.render, recipe.max_length, packing, recipe.image_root, recipe.allow_images_outside_root
+    )
     collator.prime(dataset)  # fails early on unusable data; gives all-bad batches a stand-in
     if recipe.streaming:
         dataset = dataset.shuffle(seed=training_args.seed, buffer_size=recipe.shuffle_buffer)

@@ -49,7 +49,8 @@ def open_clip_visual(seed: int = 0, **overrides):
 def qwen_vision_tower(state: dict, attn_implementation: str = "eager") -> QwenVLVisionTransformer:
     """Qwen-VL's vision tower at 224px with `state` loaded; only the adapter may be left out of it."""
     visual = dict(
-        image_size=224, patch_size=PATCH, width=WIDTH, layers=LAYERS, heads=HEADS, mlp_ratio=4.0, output_dim=128
+        image_size=224, patch_size=PATCH, width=WIDTH, layers=LAYERS, heads=HEADS, mlp_ratio=4.0, output_dim=128,
+        image_start_id=TINY_CONFIG["visual"]["image_start_id"],
     )
     config = QwenVLConfig(**{**TINY_CONFIG, "visual": visual})
     config._attn_implementation = attn_implementation
@@ -177,6 +178,7 @@ def qwen_lm_dir(tmp_path, tiny_model_factory):
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {k: v for k, v in TINY_CONFIG.items() if k != "visual"}
+    config["visual"] = {"image_start_id": TINY_CONFIG["visual"]["image_start_id"]}  # the tiny vocabulary's <img> id
     config.update(
         architectures=["QWenLMHeadModel"],
         model_type="qwen",

@@ -1,13 +1,17 @@
-"""Property-based checks: lossless text round trips, list-format round trips, and only ValueError/TypeError on junk."""
+"""Property-based checks: lossless text round trips, list-format round trips, and only ValueError/TypeError on junk
+(processor text and images, model input batches)."""
 
 import unicodedata
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from modeling_qwen_vl.tokenization_qwen_vl import SPECIAL_TOKENS, QwenVLTokenizer
+
+from .conftest import TINY_CONFIG
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -121,3 +125,59 @@ def test_processor_accepts_well_formed_input(tiny_processor, rows):
     num_images = sum(map(len, images))
     assert (batch["input_ids"] == tokenizer.img_start_id).sum() == num_images
     assert len(batch.get("pixel_values", [])) == num_images
+
+
+# Property: any malformed batch gives ValueError/TypeError, never another exception type (IndexError, RuntimeError,
+# AttributeError, ...). Batches are built from pieces that are individually often right and often wrong.
+def tensor_like(draw, shape_options, dtypes):
+    shape = draw(st.sampled_from(shape_options))
+    dtype = draw(st.sampled_from(dtypes))
+    if dtype in (torch.float32, torch.float16):
+        return torch.randn(shape).to(dtype)
+    return torch.randint(-3, 600, shape).to(dtype)
+
+
+@st.composite
+def malformed_batches(draw):
+    batch = draw(st.integers(0, 3))
+    length = draw(st.integers(0, 300))
+    start = TINY_CONFIG["visual"]["image_start_id"]
+    pieces = st.sampled_from([[5], [start], [start + 1], [start + 2] * 8, [start + 2] * 256, [600], [-1], [0]])
+    rows = [sum(draw(st.lists(pieces, max_size=6)), [])[:length] or [5] for _ in range(max(batch, 1))]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    inputs = {}
+    kind = draw(st.sampled_from(["ok", "1d", "float", "list", "empty"]))
+    inputs["input_ids"] = {"ok": ids, "1d": ids[0], "float": ids.float(), "list": ids.tolist(), "empty": ids[:, :0]}[kind]
+    if draw(st.booleans()):
+        shapes = [(len(rows), width), (len(rows), width + 1), (width,), (len(rows), 1, width, width), (1, 1, width, 1)]
+        inputs["attention_mask"] = tensor_like(draw, shapes, [torch.long, torch.float32]).clamp(0, 1)
+    if draw(st.booleans()):
+        inputs["position_ids"] = tensor_like(draw, [(1, width), (len(rows), width - 1), (width,)], [torch.long, torch.float32])
+    if draw(st.booleans()):
+        images = draw(st.integers(0, 3))
+        shape = draw(st.sampled_from([(images, 3, 56, 56), (images, 56, 56, 3), (images, 3, 42, 56), (images, 1, 56, 56)]))
+        pixel_values = torch.randn(shape).to(draw(st.sampled_from([torch.float32, torch.uint8])))
+        inputs["pixel_values"] = list(pixel_values) if draw(st.booleans()) and images else pixel_values
+    if draw(st.booleans()):
+        inputs["labels"] = tensor_like(draw, [(len(rows), width), (len(rows), width - 1)], [torch.long, torch.float32])
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    return QwenVLForConditionalGeneration._from_config(QwenVLConfig(**TINY_CONFIG), attn_implementation="sdpa").eval()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(inputs=malformed_batches())
+def test_model_raises_only_value_or_type_errors_on_malformed_batches(tiny_model, inputs):
+    try:
+        with torch.no_grad():
+            output = tiny_model(**inputs)
+    except (ValueError, TypeError):
+        return
+    assert torch.isfinite(output.logits).all()
