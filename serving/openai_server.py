@@ -137,19 +137,30 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         raise APIError(f"{param}: cannot open the image: {error}", param=param, code="invalid_image") from error
 
 
+def _check_text(text: str, param: str) -> str:
+    """Refuse `<img>` tags in text: the processor would open the path inside one, bypassing `--image-root`."""
+    if "<img>" in text or "</img>" in text:
+        raise APIError(
+            f"{param}: text may not contain <img> or </img> tags; send images as image_url items.",
+            param=param,
+            code="invalid_content_item",
+        )
+    return text
+
+
 def _template_messages(request: ChatCompletionRequest, config: ServerConfig) -> tuple[list[dict], list]:
     """OpenAI messages → (messages for the processor's chat template, the images in order)."""
     messages, images = [], []
     for m, message in enumerate(request.messages):
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": message.role, "content": message.content or ""})
+            messages.append({"role": message.role, "content": _check_text(message.content or "", f"messages[{m}].content")})
             continue
         items = []
         for i, item in enumerate(message.content):
             param = f"messages[{m}].content[{i}]"
             kind = item.get("type")
             if kind == "text" and isinstance(item.get("text"), str):
-                items.append({"type": "text", "text": item["text"]})
+                items.append({"type": "text", "text": _check_text(item["text"], param)})
             elif kind == "image_url":
                 image_url = item.get("image_url")
                 url = image_url.get("url") if isinstance(image_url, dict) else image_url
@@ -393,7 +404,8 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
         messages, images = _template_messages(request, config)
         try:
             prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            encoded = processor(text=prompt, images=images or None, return_tensors="pt")
+            # `images` is always a list, so no span of the prompt is read as a local path.
+            encoded = processor(text=prompt, images=images, return_tensors="pt")
         except ValueError as error:
             raise APIError(f"messages: {error}", param="messages", code="invalid_content") from error
         input_ids = encoded["input_ids"][0].tolist()

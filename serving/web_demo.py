@@ -53,7 +53,8 @@ class ChatSession:
             if turn.get("response") is not None:
                 messages.append({"role": "assistant", "content": turn["response"]})
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.processor(text=prompt, images=images or None, return_tensors="pt").to(self.model.device)
+        # `images` is always a list, so an `<img>path</img>` typed in a question is refused, never opened.
+        return self.processor(text=prompt, images=images, return_tensors="pt").to(self.model.device)
 
     def stream(self, turns: list[dict]):
         """Yield the growing answer to the last turn's query (whose `response` is None)."""
