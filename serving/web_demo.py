@@ -165,7 +165,7 @@ def build_demo(model, processor, max_new_tokens: int = 512):
             query.submit(submit, [query, turns, pending], [chatbot, turns, pending, query], **serial),
             regenerate_button.click(regenerate, [turns, pending], [chatbot, turns], **serial),
         ]
-        clear_button.click(lambda: ([], [], []), None, [chatbot, turns, pending], cancels=asked)
+        clear_button.click(lambda: ([], [], []), None, [chatbot, turns, pending], cancels=asked, **serial)
     demo.drawn_dir = session.drawn_dir
     return demo
 
