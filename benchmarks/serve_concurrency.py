@@ -123,6 +123,34 @@ def run_clients(server: Server, clients: int, per_client: int, max_tokens: int) 
             "latency": statistics.median(latency for latency, _ in results), "elapsed": elapsed}
 
 
+def generate_ceiling(repo: Path, max_tokens: int, threads: int) -> dict[int, float]:
+    """Tokens/s of plain `model.generate` (no server) on 1 and 8 of the requests as one batch, exactly `max_tokens`
+    new tokens each: what batching can gain at best on this model and machine."""
+    from modeling_qwen_vl import QwenVLProcessor
+
+    torch.set_num_threads(threads)
+    model = QwenVLForConditionalGeneration.from_pretrained(repo).eval()
+    processor = QwenVLProcessor.from_pretrained(repo)
+    results = {}
+    for batch in (1, 8):
+        texts, images = [], []
+        for index in range(batch):
+            content = request_messages(index)[0]["content"]
+            question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content[1]["text"]}]}]
+            texts.append(processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True))
+            url = content[0]["image_url"]["url"]
+            images.append(Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB"))
+        inputs = processor(text=texts, images=images, return_tensors="pt")
+        timings = []
+        for _ in range(3):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            timings.append(time.perf_counter() - start)
+        results[batch] = batch * max_tokens / statistics.median(timings)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -150,6 +178,7 @@ def main():
         finally:
             for server in servers.values():
                 server.close()
+        ceiling = generate_ceiling(repo, args.max_tokens, args.threads)
     rows = []
     for (mode, clients), results in samples.items():
         rows.append((mode, clients, {key: statistics.median(r[key] for r in results) for key in results[0]}))
@@ -177,6 +206,11 @@ def main():
         "responses' usage",
         "",
         *table,
+        "",
+        f"For reference, plain `generate` without a server on the same model and thread count: {ceiling[1]:.1f} "
+        f"tokens/s for one request, {ceiling[8]:.1f} tokens/s for 8 as one batch ({ceiling[8] / ceiling[1]:.2f}x, "
+        "the most batching can gain here: the vision tower's prefill of 8 images costs 8 times one, only decoding "
+        "gets cheaper per row).",
         "",
         f"Medians of {args.rounds} interleaved rounds. `vs sequential` compares completion tokens/s with the "
         "`--max-batch-size 1` server at the same number of clients. Written by `python benchmarks/serve_concurrency.py`.",

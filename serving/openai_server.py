@@ -5,7 +5,9 @@
 and `{"type": "image_url", "image_url": {"url": ...}}` items (`data:` URLs always; local paths and `file://` URLs
 under `--image-root`; http(s) URLs with `--allow-remote-images`, within the processor's timeout and size limits).
 The conversation is written with the processor's ChatML chat template, so the model sees exactly what
-`processor.apply_chat_template` gives. `GET /v1/models` lists the one served model.
+`processor.apply_chat_template` gives. `GET /v1/models` lists the one served model. `temperature: 0` decodes
+greedily; unset `temperature`/`top_p` take the repo's generation config (the official chat config samples with
+`top_p` 0.5). `seed` seeds torch's generator before a sampled batch (only requests with equal settings share one).
 
 Requests that arrive together are generated as one left-padded `generate` batch (up to `--max-batch-size` rows) by a
 single worker thread; requests with different sampling settings wait for the next batch. Grounding answers keep the
@@ -39,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from modeling_qwen_vl import parse_grounding
-from modeling_qwen_vl.image_processing_qwen_vl import decode_image, load_image
+from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, decode_image, load_image
 
 from .loading import load_model, reply_end_ids
 
@@ -106,6 +108,8 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
             header, _, payload = url.partition(",")
             if not header.endswith(";base64"):
                 raise ValueError("data: URLs must be base64 encoded (data:image/png;base64,...)")
+            if len(payload) * 3 // 4 > REMOTE_IMAGE_MAX_BYTES:
+                raise ValueError(f"it is larger than {REMOTE_IMAGE_MAX_BYTES} bytes (the limit of remote images too)")
             data = base64.b64decode(payload, validate=True)
             image = PIL.Image.open(io.BytesIO(data))
             return decode_image(image, f"image {param}").convert("RGB")
@@ -133,7 +137,7 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         return load_image(resolved)
     except APIError:
         raise
-    except (ValueError, OSError, binascii.Error, PIL.UnidentifiedImageError) as error:
+    except (ValueError, OSError, binascii.Error, PIL.Image.DecompressionBombError) as error:
         raise APIError(f"{param}: cannot open the image: {error}", param=param, code="invalid_image") from error
 
 
