@@ -1,10 +1,23 @@
 """Loading a saved Qwen-VL repo for serving: model, processor and the ids that end a ChatML reply."""
 
+import argparse
+
 import torch
 
 from modeling_qwen_vl import QwenVLForConditionalGeneration, QwenVLProcessor
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_parser(prog: str, description: str, port: int) -> argparse.ArgumentParser:
+    """The arguments `qwen-vl serve` and `qwen-vl web` share: the repo, where to listen, how to load it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("model", help="local repo directory or Hub id")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
 
 
 def load_model(path: str, dtype: str = "auto", device: str = "cpu"):

@@ -24,7 +24,6 @@ import contextlib
 import io
 import json
 import os
-import queue
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from modeling_qwen_vl import parse_grounding
 from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, decode_image, load_image
 
-from .loading import load_model, reply_end_ids
+from .loading import load_model, model_parser, reply_end_ids
 
 
 class APIError(Exception):
@@ -510,12 +509,7 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-vl serve", description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("model", help="local repo directory or Hub id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser("qwen-vl serve", __doc__.split("\n\n")[0].strip(), port=8000)
     parser.add_argument("--max-batch-size", type=int, default=8, help="most rows generated together (default 8)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="wait for more requests before a batch")
     parser.add_argument("--served-model-name", help="the `model` clients send (default: the repo's directory name)")

@@ -19,7 +19,7 @@ from transformers import TextIteratorStreamer
 from modeling_qwen_vl import draw_grounding, parse_grounding
 from modeling_qwen_vl.image_processing_qwen_vl import load_image
 
-from .loading import load_model, reply_end_ids
+from .loading import load_model, model_parser, reply_end_ids
 
 CONTROL_TOKENS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
@@ -171,12 +171,7 @@ def build_demo(model, processor, max_new_tokens: int = 512):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-vl web", description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("model", help="local repo directory or Hub id")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = model_parser("qwen-vl web", __doc__.split("\n\n")[0].strip(), port=7860)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     return parser

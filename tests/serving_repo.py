@@ -1,5 +1,13 @@
 """A tiny saved chat repo for the serving tests, fine-tuned to answer grounding questions with one fixed box."""
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -7,6 +15,7 @@ from PIL import Image
 
 from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration, QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Where is the red square?"
 ANSWER = "<ref>the red square</ref><box>(250,250),(750,750)</box>"
 
@@ -68,3 +77,40 @@ def _build_repo(directory: Path, vocab_file: Path, steps: int) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+@contextlib.contextmanager
+def cli_server(subcommand: str, repo: Path, *args: str, ready_path: str = "/", timeout: float = 120):
+    """Run `qwen-vl <subcommand> repo --port P *args` on a free 127.0.0.1 port (one torch thread) until the block
+    ends; yields its base URL once `ready_path` answers 200. Output goes to a file, so a full pipe cannot block it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, str(ROOT / "qwen_vl_cli.py"), subcommand, str(repo), "--port", str(port), *args]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"qwen-vl {subcommand} did not answer within {timeout} s:\n{log.read()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url + ready_path, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.3)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)

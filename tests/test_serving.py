@@ -3,11 +3,8 @@
 import base64
 import io
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +18,9 @@ import uvicorn
 
 from serving.loading import load_model, reply_end_ids
 from serving.openai_server import ServerConfig, create_app
-from tests.serving_repo import ANSWER, QUESTION, build_repo, scene
+from tests.serving_repo import ANSWER, QUESTION, build_repo, cli_server, scene
 
 MODEL_NAME = "tiny-qwen-vl"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -282,36 +278,10 @@ def test_client_disconnect_mid_stream_stops_generation(client, server):
     assert reason == "cancelled" and tokens < 3000
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_cli_serve_answers_the_openai_client(repo, reference):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(ROOT / "qwen_vl_cli.py"), "serve", str(repo), "--port", str(port), "--max-batch-size", "4"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        cli_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=30, max_retries=0)
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "qwen-vl serve did not answer within 120 s"
-            try:
-                models = cli_client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.2)
-        assert [model.id for model in models.data] == [repo.name]
+    with cli_server("serve", repo, "--max-batch-size", "4", ready_path="/v1/models") as url:
+        cli_client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=30, max_retries=0)
+        assert [model.id for model in cli_client.models.list().data] == [repo.name]
         image = scene((90, 90))
         completion = cli_client.chat.completions.create(model=repo.name, messages=image_question(image), temperature=0)
         assert completion.choices[0].message.content == greedy(reference, TEMPLATE_QUESTION, [image])[0] == ANSWER
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)

@@ -3,19 +3,12 @@
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.serving_repo import QUESTION, build_repo, scene
+from tests.serving_repo import QUESTION, build_repo, cli_server, scene
 
-ROOT = Path(__file__).resolve().parents[1]
 BOX_COLOR = (230, 25, 75)  # draw_grounding's first colour
 
 
@@ -30,42 +23,11 @@ def chromium() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def web_url(tmp_path_factory, tiny_vocab_file):
     repo = build_repo(tmp_path_factory.mktemp("web") / "repo", tiny_vocab_file)
-    port = free_port()
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, str(ROOT / "qwen_vl_cli.py"), "web", str(repo), "--port", str(port), "--max-new-tokens", "48"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "qwen-vl web did not answer within 120 s"
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+    with cli_server("web", repo, "--max-new-tokens", "48") as url:
+        yield url + "/"
 
 
 def test_web_demo_in_headless_chromium(web_url, tmp_path):
