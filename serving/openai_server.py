@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -140,11 +141,19 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         raise APIError(f"{param}: cannot open the image: {error}", param=param, code="invalid_image") from error
 
 
+# Text that would not stay plain text in the prompt: image spans (the processor opens the path inside one, bypassing
+# --image-root) and ChatML control tokens (the prompt string is tokenized with special tokens allowed, so typed ones
+# would open or close turns; the official `make_context` keeps them as plain text instead).
+_REFUSED_TEXT = re.compile(r"</?img>|<\|(?:im_start|im_end|endoftext|extra_\d+)\|>")
+
+
 def _check_text(text: str, param: str) -> str:
-    """Refuse `<img>` tags in text: the processor would open the path inside one, bypassing `--image-root`."""
-    if "<img>" in text or "</img>" in text:
+    """Refuse `<img>` tags and ChatML control tokens in message text (see `_REFUSED_TEXT`)."""
+    found = _REFUSED_TEXT.search(text)
+    if found:
         raise APIError(
-            f"{param}: text may not contain <img> or </img> tags; send images as image_url items.",
+            f"{param}: text may not contain {found.group()!r} (image tags and ChatML control tokens are refused); send "
+            "images as image_url items.",
             param=param,
             code="invalid_content_item",
         )
