@@ -8,6 +8,7 @@ The conversation is written with the processor's ChatML chat template, so the mo
 `processor.apply_chat_template` gives. `GET /v1/models` lists the one served model. `temperature: 0` decodes
 greedily; unset `temperature`/`top_p` take the repo's generation config (the official chat config samples with
 `top_p` 0.5). `seed` seeds torch's generator before a sampled batch (only requests with equal settings share one).
+`usage.completion_tokens` counts the generated tokens, the reply's end token included.
 
 Requests that arrive together are generated as one left-padded `generate` batch (up to `--max-batch-size` rows) by a
 single worker thread; requests with different sampling settings wait for the next batch. Grounding answers keep the
@@ -423,7 +424,7 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
         input_ids = encoded["input_ids"][0].tolist()
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = requested or min(default_max_tokens, context - len(input_ids))
-        if len(input_ids) + max_tokens > context:
+        if max_tokens < 1 or len(input_ids) + max_tokens > context:
             raise APIError(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{len(input_ids) + max_tokens} tokens ({len(input_ids)} in the messages, {max_tokens} in the "
