@@ -12,6 +12,8 @@ SUBCOMMANDS: dict = {
     "push": "hub_upload.push:main",
     "train": "recipes.train:main",
     "demo": "demo.run:main",
+    "serve": "serving.openai_server:main",
+    "web": "serving.web_demo:main",
     "convert": {
         "openclip": "hub_upload.convert_openclip:main",
         "official": "hub_upload.convert_official:main",
