@@ -152,7 +152,18 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     replaces the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths
     longer than the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the network.
 
-    Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding.
+    Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding. Batches are
+    padded on the left (`padding_side="left"`, saved with the tokenizer), as generation with a decoder-only model needs.
+
+    Serving engines (vLLM, LightLLM) use the official `QWenTokenizer` attribute API, which this class exposes with the
+    official values: the tag strings (`image_start_tag`, `image_end_tag`, `image_pad_tag`, `ref_start_tag`,
+    `ref_end_tag`, `box_start_tag`, `box_end_tag`, `quad_start_tag`, `quad_end_tag`), `IMAGE_ST`, `special_tokens`
+    (token -> id), `img_start_id`/`img_end_id`/`img_pad_id` and the other `*_id`s, `mergeable_ranks`, the tiktoken
+    `Encoding` as `tokenizer`, `decoder` (id -> token bytes, special tokens as str), `errors`, and
+    `tokenize(text, allowed_special="all", disallowed_special=())`. `convert_tokens_to_ids` also takes the official
+    tokens (bytes, or str for special tokens), so a subclass may override `tokenize` and `_decode` on top of
+    `tokenizer` and `decoder`, as vLLM does to leave image spans unexpanded. (vLLM then expands each `<img></img>` to
+    `(image_size // patch_size // 2) ** 2` positions itself, which equals `n_queries` only for the official 256.)
 
     Args:
         vocab_file (`str`): Path of the `qwen.tiktoken` vocabulary.
@@ -162,11 +173,20 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         chat_template (`str`, *optional*): Jinja chat template; defaults to Qwen-VL-Chat's ChatML.
         image_span_length (`int`, *optional*, defaults to 256): Positions between `<img>` and `</img>`; must equal
             the model's `config.visual["n_queries"]` (256 in every official checkpoint).
+        padding_side (`str`, *optional*, defaults to `"left"`): Side on which batches are padded.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
     _auto_class = "AutoTokenizer"  # save_pretrained copies this file next to tokenizer_config.json
+    padding_side = "left"
+    # The official QWenTokenizer's names for the multimodal tags.
+    ref_start_tag, ref_end_tag = REF_TAGS
+    box_start_tag, box_end_tag = BOX_TAGS
+    quad_start_tag, quad_end_tag = QUAD_TAGS
+    image_start_tag, image_end_tag = IMAGE_TAGS
+    image_pad_tag = IMAGE_PAD
+    IMAGE_ST = IMAGE_ST
 
     def __init__(
         self,
@@ -176,6 +196,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         pad_token: str = ENDOFTEXT,
         chat_template: str | dict | None = CHAT_TEMPLATE,
         image_span_length: int = IMAGE_SPAN_LENGTH,
+        padding_side: str = "left",
         **kwargs,
     ):
         if not isinstance(image_span_length, int) or isinstance(image_span_length, bool) or image_span_length < 1:
@@ -196,9 +217,11 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             )
         self.special_tokens = {token: num_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.errors = errors
-        self.encoding = tiktoken.Encoding(
+        self.tokenizer = tiktoken.Encoding(
             "qwen_vl", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
         )
+        self.decoder = {rank: token_bytes for token_bytes, rank in self.mergeable_ranks.items()}
+        self.decoder.update({index: token for token, index in self.special_tokens.items()})
 
         self._id_to_token = [""] * num_ranks
         for token_bytes, rank in self.mergeable_ranks.items():
@@ -213,6 +236,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self.quad_start_id, self.quad_end_id = (self.special_tokens[t] for t in QUAD_TAGS)
         self.img_start_id, self.img_end_id = (self.special_tokens[t] for t in IMAGE_TAGS)
         self.img_pad_id = self.special_tokens[IMAGE_PAD]
+        self.image_special_tokens = {self.ref_start_id, self.ref_end_id, self.box_start_id, self.box_end_id,
+                                     self.quad_start_id, self.quad_end_id}
 
         # The special tokens are fixed by the vocabulary: a saved `added_tokens_decoder` may only repeat them.
         for index, token in kwargs.pop("added_tokens_decoder", {}).items():
@@ -232,16 +257,17 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             pad_token=pad_token,
             chat_template=chat_template,
             image_span_length=image_span_length,
+            padding_side=padding_side,
             **kwargs,
         )
 
     @property
     def vocab_size(self) -> int:
         """Number of ids: BPE ranks plus special tokens."""
-        return self.encoding.n_vocab
+        return self.tokenizer.n_vocab
 
     def __len__(self) -> int:
-        return self.encoding.n_vocab
+        return self.tokenizer.n_vocab
 
     def get_vocab(self) -> dict[str, int]:
         return {**self._token_to_id, **self.special_tokens}
@@ -279,13 +305,26 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             kwargs["marked_chat"] = True
         return super()._encode_plus(text, *args, **kwargs)
 
-    def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Split `text` into tokens; `split_special_tokens=True` encodes special-token text as plain text."""
+    def tokenize(
+        self,
+        text: str,
+        allowed_special: set[str] | str | None = None,
+        disallowed_special: set[str] | str = (),
+        **kwargs,
+    ) -> list[str]:
+        """
+        Split `text` into tokens. As in the official tokenizer (and tiktoken), special-token text in
+        `allowed_special` (a set, or `"all"`: the default) becomes special tokens, other special-token text is plain
+        text unless it is in `disallowed_special` (a set or `"all"`), which raises. `split_special_tokens=True` is
+        transformers' spelling of `allowed_special=set()`. The arguments also reach here through `encode` and
+        `__call__`, e.g. `tokenizer.encode(text, allowed_special=set(tokenizer.IMAGE_ST))`.
+        """
         split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
         if kwargs.pop("marked_chat", False):
             return self.convert_ids_to_tokens(self._encode_marked_chat(text))
-        allowed = set() if split_special_tokens else "all"
-        return self.convert_ids_to_tokens(self._encode_ids(text, allowed_special=allowed))
+        if allowed_special is None:
+            allowed_special = set() if split_special_tokens else "all"
+        return self.convert_ids_to_tokens(self._encode_ids(text, allowed_special, disallowed_special))
 
     def _encode_marked_chat(self, chat: str) -> list[int]:
         """
@@ -306,13 +345,15 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         text.append(chat[position:])
         return ids + (self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else [])
 
-    def _encode_ids(self, text: str, allowed_special: set[str] | str = "all") -> list[int]:
+    def _encode_ids(
+        self, text: str, allowed_special: set[str] | str = "all", disallowed_special: set[str] | str = ()
+    ) -> list[int]:
         """
-        NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`) and lay
-        out every `<img>...</img>` span as `image_span_length + 2` ids.
+        NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`; see
+        `tokenize` for `disallowed_special`) and lay out every `<img>...</img>` span as `image_span_length + 2` ids.
         """
         text = unicodedata.normalize("NFC", text)
-        ids = self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        ids = self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []
@@ -340,7 +381,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                     f"Image span in {text[:200]!r} contains {nested[0]}: an image span holds only a path; close it "
                     f"with {IMAGE_TAGS[1]} before other tags"
                 )
-            content = self.encoding.decode_bytes(inner)
+            content = self.tokenizer.decode_bytes(inner)
             if len(content) > self.image_span_length:
                 raise ValueError(
                     f"Image path {content.decode('utf-8', 'replace')[:60]!r}... is {len(content)} bytes long; an "
@@ -375,19 +416,29 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                 )
         return ids, pair_ids, overflowing_tokens
 
-    def _convert_token_to_id(self, token: str) -> int:
-        if token not in self._token_to_id:
-            raise ValueError(f"Unknown token {token!r}: tokens are byte-level strings as returned by `tokenize`")
-        return self._token_to_id[token]
+    def _convert_token_to_id(self, token: str | bytes) -> int:
+        """Id of a byte-level string (as `tokenize` returns), or of an official token (bytes)."""
+        index = self.mergeable_ranks.get(token) if isinstance(token, bytes) else self._token_to_id.get(token)
+        if index is None:
+            raise ValueError(
+                f"Unknown token {token!r}: tokens are byte-level strings as returned by `tokenize`, or the token "
+                "bytes of the vocabulary"
+            )
+        return index
 
     def _convert_id_to_token(self, index: int) -> str:
         if not 0 <= index < len(self._id_to_token):
             raise ValueError(f"Token id {index} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
         return self._id_to_token[index]
 
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+    def convert_tokens_to_string(self, tokens: list[str | bytes]) -> str:
+        """Text of byte-level string tokens (as `tokenize` returns) and/or official tokens (bytes)."""
         data = b"".join(
-            token.encode("utf-8") if token in self.special_tokens else bytes(BYTE_DECODER[c] for c in token)
+            token
+            if isinstance(token, bytes)
+            else token.encode("utf-8")
+            if token in self.special_tokens
+            else bytes(BYTE_DECODER[c] for c in token)
             for token in tokens
         )
         return data.decode("utf-8", errors=self.errors)
@@ -411,7 +462,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
 
         def flush():
             if run:
-                pieces.append(self.encoding.decode(run, errors=errors))
+                pieces.append(self.tokenizer.decode(run, errors=errors))
                 run.clear()
 
         index = 0
