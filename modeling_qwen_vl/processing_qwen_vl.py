@@ -42,8 +42,10 @@ class QwenVLProcessor(ProcessorMixin):
     r"""
     Qwen-VL processor: [`QwenVLImageProcessor`] and [`QwenVLTokenizer`] in one call.
 
-    Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). Images are
-    matched to the spans in order, row by row:
+    Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). When
+    `images` are given and no row has a span, each row gets `Picture 1: <img></img>\n`, `Picture 2: <img></img>\n`...
+    (the chat template's layout) for its images in front, so `processor(images=image, text="A photo of")` works. Images
+    are matched to the spans in order, row by row:
     - `images` given: one image (PIL image, array, local path) per span, as a flat list or as one list per row (rows
       without images get `[]`); the spans are emptied, so the model input holds `<img>`, the tokenizer's
       `image_span_length` (256) `<imgpad>`, `</img>` (the model overwrites those positions with image features);
@@ -98,6 +100,9 @@ class QwenVLProcessor(ProcessorMixin):
 
         texts = _check_texts(text)
         row_spans = [IMAGE_SPAN.findall(sample) for sample in texts]
+        if images is not None and not any(row_spans):
+            texts = _prefix_images(texts, images)
+            row_spans = [IMAGE_SPAN.findall(sample) for sample in texts]
         if images is None:
             row_images = [[(path, path) for path in spans] for spans in row_spans]  # a path names itself
             empty = sum(not path for spans in row_spans for path in spans)
@@ -240,6 +245,21 @@ def _check_texts(text) -> list[str]:
         # The tokenizer sees the NFC form, where a combining mark may have merged into a tag's '>'.
         check_markup(unicodedata.normalize("NFC", sample), f"text[{row}]")
     return list(texts)
+
+
+def _prefix_images(texts: list[str], images) -> list[str]:
+    """Rows without image spans: `Picture k: <img></img>\n` in front of each row for each of its images."""
+    if len(texts) == 1:
+        counts = [len(_flatten_images(images))]
+    elif isinstance(images, (list, tuple)) and len(images) == len(texts):  # one image, or one list, per row
+        counts = [len(_flatten_images(items)) for items in images]
+    else:
+        raise ValueError(
+            f"Got {len(_flatten_images(images))} images for {len(texts)} rows of text without <img></img> spans: pass "
+            "one image (or one list of images) per row, or mark where each image goes with <img></img>."
+        )
+    prefixes = ["".join(f"Picture {k}: {EMPTY_IMAGE_SPAN}\n" for k in range(1, count + 1)) for count in counts]
+    return [prefix + sample for prefix, sample in zip(prefixes, texts)]
 
 
 def _match_images(images, row_spans: list[list[str]]) -> list[list[tuple[str, object]]]:
