@@ -41,7 +41,9 @@ FRESH_PROCESS = textwrap.dedent(
         )[0]["generated_text"],
     }
     pipe.tokenizer.padding_side = "right"  # the tokenizer's old default
-    result["batched_right"] = [out[0]["generated_text"][-1]["content"] for out in pipe(text=chats, batch_size=2, **options)]
+    result["batched_right"] = [
+        out[0]["generated_text"][-1]["content"] for out in pipe(text=chats, batch_size=2, **options)
+    ]
     print(json.dumps(result))
     """
 )
@@ -54,7 +56,11 @@ def repo_dir(tmp_path_factory, tiny_vocab_file):
     official = write_official_checkpoint(tmp_path_factory.mktemp("official"), tiny_vocab_file)
     weights = official / "model.safetensors"
     state = load_file(weights)
-    lm_matrices = [name for name in state if name.startswith(("transformer.wte", "transformer.h.")) and name.endswith("weight") and "ln_" not in name]
+    lm_matrices = [
+        name
+        for name in state
+        if name.startswith(("transformer.wte", "transformer.h.")) and name.endswith("weight") and "ln_" not in name
+    ]
     save_file({**state, **{name: state[name] * 5 for name in lm_matrices}}, weights, metadata={"format": "pt"})
     return convert_official(official, tmp_path_factory.mktemp("converted") / "repo")
 
