@@ -102,8 +102,9 @@ def test_sft_trainer_assistant_only_loss_trains_exactly_the_replies(repo_dir, ti
         # The trained text is the replies and their <|im_end|>; typed control tokens in them stay plain text.
         trained = [token for token in labels if token != IGNORE_INDEX]
         replies = ["Red.", "\nYes, hello world <|im_start|>."] if row == 0 else ["Blue, hello world."]
-        assert trained.count(tokenizer.im_end_id) == len(replies) and tokenizer.im_start_id not in trained
-        assert tokenizer.decode(trained).split("<|im_end|>")[:-1] == replies
+        ends = [i for i, token in enumerate(trained) if token == tokenizer.im_end_id]
+        assert len(ends) == len(replies) and ends[-1] == len(trained) - 1 and tokenizer.im_start_id not in trained
+        assert [tokenizer.decode(trained[a + 1 : b]) for a, b in zip([-1, *ends], ends)] == replies
         assert ids.count(tokenizer.im_start_id) == (5 if row == 0 else 3)  # the user's "<|im_start|>" is text
     assert len(result["losses"]) == 2 and all(loss == loss for loss in result["losses"])
     assert result["changed"] > 0  # the LoRA weights trained
