@@ -27,6 +27,7 @@ FRESH_PROCESS = textwrap.dedent(
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     repo, output_dir = sys.argv[1], sys.argv[2]
+    LM_TARGETS = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2|mlp\.c_proj)"
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
     red, blue = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 40), (20, 40, 220))
@@ -49,7 +50,7 @@ FRESH_PROCESS = textwrap.dedent(
     )
     trainer = SFTTrainer(
         model, args=args, train_dataset=dataset, processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LM_TARGETS),  # as README.md shows
     )
     batch = trainer.data_collator([dataset[0], dataset[1]])
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
