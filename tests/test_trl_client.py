@@ -27,7 +27,7 @@ FRESH_PROCESS = textwrap.dedent(
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     repo, output_dir = sys.argv[1], sys.argv[2]
-    LM_TARGETS = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2|mlp\.c_proj)"
+    LM_TARGETS = r"transformer\\.h\\.\\d+\\.(attn\\.c_attn|attn\\.c_proj|mlp\\.w1|mlp\\.w2|mlp\\.c_proj)"
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
     red, blue = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 40), (20, 40, 220))
@@ -68,7 +68,20 @@ FRESH_PROCESS = textwrap.dedent(
         without_slots = model(**{**full, "labels": full["labels"].masked_fill(slots, -100)}).loss
     logits, targets = output.logits[:, :-1].flatten(0, 1), full["labels"][:, 1:].flatten()
     with_slots = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    # A text-only dataset takes TRL's other path (tokenized up front) through the same processor.
+    text_only = Dataset.from_list([{"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world <|im_end|> hello"},
+    ]}])
+    text_trainer = SFTTrainer(
+        AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True), train_dataset=text_only,
+        args=SFTConfig(output_dir=output_dir, assistant_only_loss=True, max_steps=1, bf16=False, report_to="none",
+                       save_strategy="no"),
+        processing_class=processor,
+    )
+    text_row = text_trainer.train_dataset[0]
+    text_trainer.train()
     print(json.dumps({
+        "text_input_ids": text_row["input_ids"], "text_labels": text_row["labels"],
         "input_ids": batch["input_ids"].tolist(), "attention_mask": batch["attention_mask"].tolist(),
         "labels": batch["labels"].tolist(), "pixel_values": list(batch["pixel_values"].shape),
         "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log], "changed": len(changed),
@@ -109,6 +122,10 @@ def test_sft_trainer_assistant_only_loss_trains_exactly_the_replies(repo_dir, ti
         assert ids.count(tokenizer.im_start_id) == (5 if row == 0 else 3)  # the user's "<|im_start|>" is text
     assert len(result["losses"]) == 2 and all(loss == loss for loss in result["losses"])
     assert result["changed"] > 0  # the LoRA weights trained
+
+    text_ids, text_labels = result["text_input_ids"], result["text_labels"]
+    assert text_labels == assistant_labels(text_ids, tokenizer)
+    assert tokenizer.decode([token for token in text_labels if token != IGNORE_INDEX]) == "world <|im_end|> hello<|im_end|>"
 
     # Image slots: TRL's plain collator labels them, the model's loss ignores them.
     assert result["slot_labels"] == 2 * 256
