@@ -629,8 +629,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         r"""
         input_ids [batch, len] hold `<img>` + 256 slot ids + `</img>` per image; `pixel_values` [images, 3, S, S] are
         the images in order of appearance (row by row) and are encoded on prefill only. `labels` use -100 for ignored
-        positions and are shifted inside (next-token loss, mean over kept targets); the image slots between `<img>`
-        and `</img>` are never targets, even when the labels are a copy of `input_ids` (as TRL's collators make).
+        positions and are shifted inside (next-token loss, mean over kept targets).
         """
         outputs = self.transformer(
             input_ids=input_ids,
@@ -653,6 +652,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             if input_ids is not None and labels.shape == input_ids.shape:
+                # Image slots are never targets, also when the labels copy input_ids (as TRL's collators do).
                 labels = labels.masked_fill(self.transformer.get_image_mask(input_ids), -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(

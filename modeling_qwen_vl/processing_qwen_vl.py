@@ -82,7 +82,10 @@ class QwenVLProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Tokenize `text` (a str or a list of str) and preprocess the image of each `<img>...</img>` span; returns
-        `input_ids`, `attention_mask` and, when there are images, `pixel_values` `[N, 3, S, S]`.
+        `input_ids`, `attention_mask` and, when there are images, `pixel_values` `[N, 3, S, S]`. With
+        `return_offsets_mapping=True` also `offset_mapping` (the characters of the row behind each id, `(0, 0)` on
+        padding) and with `return_text_replacement_offsets=True` the edits made to each row before tokenizing
+        (image prefixes, emptied spans), as transformers uses them to build assistant masks.
         """
         output_kwargs = self._merge_kwargs(
             QwenVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs

@@ -224,9 +224,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             )
         self.special_tokens = {token: num_ranks + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.errors = errors
-        self.tokenizer = tiktoken.Encoding(
+        self.encoding = tiktoken.Encoding(
             "qwen_vl", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
         )
+        self.tokenizer = self.encoding  # the official QWenTokenizer's name for it
         self.decoder = {rank: token_bytes for token_bytes, rank in self.mergeable_ranks.items()}
         self.decoder.update({index: token for token, index in self.special_tokens.items()})
 
@@ -271,10 +272,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     @property
     def vocab_size(self) -> int:
         """Number of ids: BPE ranks plus special tokens."""
-        return self.tokenizer.n_vocab
+        return self.encoding.n_vocab
 
     def __len__(self) -> int:
-        return self.tokenizer.n_vocab
+        return self.encoding.n_vocab
 
     def get_vocab(self) -> dict[str, int]:
         return {**self._token_to_id, **self.special_tokens}
@@ -334,6 +335,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             if return_offsets_mapping:  # a batch: each text comes back here
                 kwargs["return_offsets_mapping"] = True
             return super()._encode_plus(text, *args, **kwargs)
+        if args or kwargs.get("text_pair") is not None:
+            raise ValueError("return_offsets_mapping=True takes single texts, not text pairs.")
         ids, offsets = self._encode(text, return_offsets=True, **kwargs)
         if not ids:
             return super()._encode_plus(text, *args, **kwargs)
@@ -468,7 +471,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         `tokenize` for `disallowed_special`) and lay out every `<img>...</img>` span as `image_span_length + 2` ids.
         """
         text = unicodedata.normalize("NFC", text)
-        ids = self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        ids = self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []
@@ -496,7 +499,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                     f"Image span in {text[:200]!r} contains {nested[0]}: an image span holds only a path; close it "
                     f"with {IMAGE_TAGS[1]} before other tags"
                 )
-            content = self.tokenizer.decode_bytes(inner)
+            content = self.encoding.decode_bytes(inner)
             if len(content) > self.image_span_length:
                 raise ValueError(
                     f"Image path {content.decode('utf-8', 'replace')[:60]!r}... is {len(content)} bytes long; an "
@@ -577,7 +580,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
 
         def flush():
             if run:
-                pieces.append(self.tokenizer.decode(run, errors=errors))
+                pieces.append(self.encoding.decode(run, errors=errors))
                 run.clear()
 
         index = 0
