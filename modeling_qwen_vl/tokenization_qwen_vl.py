@@ -170,7 +170,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     `tokenize(text, allowed_special="all", disallowed_special=())`. `convert_tokens_to_ids` also takes the official
     tokens (bytes, or str for special tokens), so a subclass may override `tokenize` and `_decode` on top of
     `tokenizer` and `decoder`, as vLLM does to leave image spans unexpanded. (vLLM then expands each `<img></img>` to
-    `(image_size // patch_size // 2) ** 2` positions itself, which equals `n_queries` only for the official 256.)
+    `(image_size // patch_size // 2) ** 2` positions itself, which must equal the model's `n_queries`: 256 for the
+    released 448 px models.)
 
     Args:
         vocab_file (`str`): Path of the `qwen.tiktoken` vocabulary.
