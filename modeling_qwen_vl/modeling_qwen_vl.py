@@ -940,6 +940,9 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            if input_ids is not None and labels.shape == input_ids.shape:
+                # Image slots are never targets, also when the labels copy input_ids (as TRL's collators do).
+                labels = labels.masked_fill(self.transformer.get_image_mask(input_ids), -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states

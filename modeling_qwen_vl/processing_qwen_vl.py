@@ -42,8 +42,10 @@ class QwenVLProcessor(ProcessorMixin):
     r"""
     Qwen-VL processor: [`QwenVLImageProcessor`] and [`QwenVLTokenizer`] in one call.
 
-    Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). Images are
-    matched to the spans in order, row by row:
+    Text marks each image with an `<img>...</img>` span (`"Picture 1: <img>cat.png</img>\nWhat is it?"`). When
+    `images` are given and no row has a span, each row gets `Picture 1: <img></img>\n`, `Picture 2: <img></img>\n`...
+    (the chat template's layout) for its images in front, so `processor(images=image, text="A photo of")` works. Images
+    are matched to the spans in order, row by row:
     - `images` given: one image (PIL image, array, local path) per span, as a flat list or as one list per row (rows
       without images get `[]`); the spans are emptied, so the model input holds `<img>`, the tokenizer's
       `image_span_length` (256) `<imgpad>`, `</img>` (the model overwrites those positions with image features);
@@ -80,7 +82,10 @@ class QwenVLProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Tokenize `text` (a str or a list of str) and preprocess the image of each `<img>...</img>` span; returns
-        `input_ids`, `attention_mask` and, when there are images, `pixel_values` `[N, 3, S, S]`.
+        `input_ids`, `attention_mask` and, when there are images, `pixel_values` `[N, 3, S, S]`. With
+        `return_offsets_mapping=True` also `offset_mapping` (the characters of the row behind each id, `(0, 0)` on
+        padding) and with `return_text_replacement_offsets=True` the edits made to each row before tokenizing
+        (image prefixes, emptied spans), as transformers uses them to build assistant masks.
         """
         output_kwargs = self._merge_kwargs(
             QwenVLProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
@@ -98,6 +103,10 @@ class QwenVLProcessor(ProcessorMixin):
 
         texts = _check_texts(text)
         row_spans = [IMAGE_SPAN.findall(sample) for sample in texts]
+        edits = [[] for _ in texts]  # how the text was changed, as transformers' `text_replacement_offsets`
+        if images is not None and not any(row_spans):
+            texts, edits = _prefix_images(texts, images)
+            row_spans = [IMAGE_SPAN.findall(sample) for sample in texts]
         if images is None:
             row_images = [[(path, path) for path in spans] for spans in row_spans]  # a path names itself
             empty = sum(not path for spans in row_spans for path in spans)
@@ -108,13 +117,24 @@ class QwenVLProcessor(ProcessorMixin):
                 )
         else:
             row_images = _match_images(images, row_spans)
-            texts = [IMAGE_SPAN.sub(EMPTY_IMAGE_SPAN, sample) for sample in texts]
+            emptied = [_empty_image_spans(sample) for sample in texts]
+            texts, edits = [sample for sample, _ in emptied], [old + new for old, (_, new) in zip(edits, emptied)]
 
-        data, row_images = self._tokenize(texts, row_images, dict(output_kwargs["text_kwargs"]))
+        text_kwargs = dict(output_kwargs["text_kwargs"])
+        return_edits = text_kwargs.pop(
+            "return_text_replacement_offsets", output_kwargs.get("return_text_replacement_offsets")
+        )
+        data, row_images = self._tokenize(texts, row_images, text_kwargs)
+        if return_edits:
+            data["text_replacement_offsets"] = edits
         named = [item for items in row_images for item in items]
         if named:
             data.update(self.image_processor(_load_images(named, remote), **output_kwargs["images_kwargs"]))
-        return BatchFeature(data, tensor_type=output_kwargs["text_kwargs"].get("return_tensors"))
+        return BatchFeature(
+            data,
+            tensor_type=output_kwargs["text_kwargs"].get("return_tensors"),
+            skip_tensor_conversion=self.skip_tensor_conversion,
+        )
 
     def _tokenize(self, texts: list[str], row_images: list[list], text_kwargs: dict) -> tuple[dict, list[list]]:
         """
@@ -142,6 +162,7 @@ class QwenVLProcessor(ProcessorMixin):
                 raise ValueError(f"text[{row}]: {error}") from error
             rows.append(encoded)
         encoding = {key: [encoded[key] for encoded in rows] for key in rows[0]}
+        offsets = encoding.pop("offset_mapping", None)  # padded below: the tokenizer's `pad` leaves it alone
         for row, ids in enumerate(encoding["input_ids"]):
             if len(ids) > limit:
                 source = f"max_length={limit}" if max_length else f"the tokenizer's model_max_length ({limit})"
@@ -155,17 +176,26 @@ class QwenVLProcessor(ProcessorMixin):
                 row_images[row] = images[:kept] if right else images[len(images) - kept :]
         if padding_kwargs.get("padding") == "max_length":
             padding_kwargs["max_length"] = max_length
-        encoding = tokenizer.pad(encoding, **padding_kwargs)
-        return dict(encoding), row_images
+        encoding = dict(tokenizer.pad(encoding, **padding_kwargs))
+        if offsets is not None:
+            left = padding_kwargs.get("padding_side", tokenizer.padding_side) == "left"
+            width = max(map(len, encoding["input_ids"]))
+            padding = [[(0, 0)] * (width - len(row)) for row in offsets]
+            encoding["offset_mapping"] = [pad + row if left else row + pad for pad, row in zip(padding, offsets)]
+        return encoding, row_images
 
     def apply_chat_template(self, conversation, *args, sanitize_control_tokens: bool | None = None, **kwargs):
         """
         transformers' `apply_chat_template`; when tokenizing, ChatML control tokens typed inside messages stay plain
         text by default, as in the official `make_context` (see [`QwenVLTokenizer.apply_chat_template`]). Pass
         `sanitize_control_tokens=False` for trusted input whose control tokens should act as such.
+
+        `return_assistant_tokens_mask=True` (what TRL's `assistant_only_loss=True` asks for) returns
+        `assistant_masks`: 1 on the tokens of each assistant reply and its `<|im_end|>` (the template's
+        `{% generation %}` spans), 0 elsewhere, image spans included.
         """
         if sanitize_control_tokens is None:
-            sanitize_control_tokens = bool(kwargs.get("tokenize")) and not kwargs.get("return_assistant_tokens_mask")
+            sanitize_control_tokens = bool(kwargs.get("tokenize"))
         return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
 
     def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
@@ -176,6 +206,33 @@ class QwenVLProcessor(ProcessorMixin):
         """
         _check_conversations(conversations)
         return super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
+
+    def _prepare_processor_kwargs(
+        self,
+        chat_template: str,
+        processor_kwargs: dict,
+        kwargs: dict,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        return_assistant_tokens_mask: bool,
+    ) -> dict:
+        """
+        transformers' preparation, without its requirement of a fast tokenizer for `return_assistant_tokens_mask`:
+        this processor returns the `offset_mapping` (characters of the rendered chat behind each id, see
+        [`QwenVLTokenizer._encode_plus`]) and `text_replacement_offsets` that transformers builds the mask from.
+        """
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        processor_kwargs = super()._prepare_processor_kwargs(
+            chat_template, processor_kwargs, kwargs, add_generation_prompt, continue_final_message, False
+        )
+        if return_assistant_tokens_mask:
+            processor_kwargs = {
+                **processor_kwargs,
+                "return_offsets_mapping": True,
+                "return_text_replacement_offsets": True,
+            }
+        return processor_kwargs
 
     def post_process_grounding(self, text: str, image_size: tuple[int, int] | None = None) -> list[dict]:
         """Boxes (and phrases) in the generated `text`, in pixels of an image of `image_size=(width, height)`."""
@@ -285,6 +342,42 @@ def _check_conversations(conversations: list[list[dict]]) -> None:
                             f"{where}: a text item holds an <img>path</img> span; pass the image as an "
                             "{'type': 'image', ...} item instead (paths in typed text items are never opened)."
                         )
+
+
+def _prefix_images(texts: list[str], images) -> tuple[list[str], list[list[dict]]]:
+    """
+    Rows without image spans: `Picture k: <img></img>\n` in front of each row for each of its images; also the edit
+    of each row, as transformers' `text_replacement_offsets`.
+    """
+    if len(texts) == 1:
+        counts = [len(_flatten_images(images))]
+    elif isinstance(images, (list, tuple)) and len(images) == len(texts):  # one image, or one list, per row
+        counts = [len(_flatten_images(items)) for items in images]
+    else:
+        raise ValueError(
+            f"Got {len(_flatten_images(images))} images for {len(texts)} rows of text without <img></img> spans: pass "
+            "one image (or one list of images) per row, or mark where each image goes with <img></img>."
+        )
+    prefixes = ["".join(f"Picture {k}: {EMPTY_IMAGE_SPAN}\n" for k in range(1, count + 1)) for count in counts]
+    edits = [[_edit((0, 0), 0, "", prefix)] if prefix else [] for prefix in prefixes]
+    return [prefix + sample for prefix, sample in zip(prefixes, texts)], edits
+
+
+def _empty_image_spans(sample: str) -> tuple[str, list[dict]]:
+    """`sample` with every image span emptied (its image is given), and the edits (`text_replacement_offsets`)."""
+    edits, shift = [], 0
+    for match in IMAGE_SPAN.finditer(sample):
+        if match.group(1):
+            edits.append(_edit(match.span(), shift, match.group(), EMPTY_IMAGE_SPAN))
+            shift += len(EMPTY_IMAGE_SPAN) - len(match.group())
+    return IMAGE_SPAN.sub(EMPTY_IMAGE_SPAN, sample), edits
+
+
+def _edit(span: tuple[int, int], shift: int, text: str, replacement: str) -> dict:
+    """One entry of transformers' `text_replacement_offsets`: `span` of the old text became `replacement`."""
+    start = span[0] + shift
+    return {"type": "image", "span": span, "new_span": (start, start + len(replacement)), "text": text,
+            "replacement": replacement}
 
 
 def _match_images(images, row_spans: list[list[str]]) -> list[list[tuple[str, object]]]:

@@ -8,7 +8,7 @@ import shutil
 import unicodedata
 
 import tiktoken
-from transformers import AddedToken, PreTrainedTokenizer
+from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # The private-use markers with which `apply_chat_template(..., sanitize_control_tokens=True)` wraps control tokens
@@ -59,13 +59,15 @@ _CLOSING_TAGS = tuple(tags[1] for tags in MARKUP_TAGS)
 # ChatML as used by Qwen-VL-Chat (default system message "You are a helpful assistant."). Image items become
 # "Picture N: <img>PATH</img>\n" (N counts the images of the whole conversation). An image that is not a path or URL
 # string (e.g. a PIL image, which transformers shows to templates as the placeholder "<Image>") leaves the span empty,
-# and the tokenizer fills it with <imgpad>.
+# and the tokenizer fills it with <imgpad>. Each assistant reply and its <|im_end|> form a `{% generation %}` span:
+# the tokens that `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`) trains.
 CHAT_TEMPLATE = r"""{%- set images = namespace(count=0) -%}
 {%- if not messages or messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
 {%- endif -%}
 {%- for message in messages -%}
 {{- '<|im_start|>' + message['role'] + '\n' -}}
+{%- set content -%}
 {%- if message['content'] is string -%}
 {{- message['content'] -}}
 {%- else -%}
@@ -82,7 +84,12 @@ CHAT_TEMPLATE = r"""{%- set images = namespace(count=0) -%}
 {%- endif -%}
 {%- endfor -%}
 {%- endif -%}
-{{- '<|im_end|>' -}}
+{%- endset -%}
+{%- if message['role'] == 'assistant' -%}
+{%- generation -%}{{- content + '<|im_end|>' -}}{%- endgeneration -%}
+{%- else -%}
+{{- content + '<|im_end|>' -}}
+{%- endif -%}
 {%- if not loop.last -%}{{- '\n' -}}{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
@@ -152,7 +159,19 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     replaces the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths
     longer than the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the network.
 
-    Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding.
+    Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding. Batches are
+    padded on the left (`padding_side="left"`, saved with the tokenizer), as generation with a decoder-only model needs.
+
+    Serving engines (vLLM, LightLLM) use the official `QWenTokenizer` attribute API, which this class exposes with the
+    official values: the tag strings (`image_start_tag`, `image_end_tag`, `image_pad_tag`, `ref_start_tag`,
+    `ref_end_tag`, `box_start_tag`, `box_end_tag`, `quad_start_tag`, `quad_end_tag`), `IMAGE_ST`, `special_tokens`
+    (token -> id), `img_start_id`/`img_end_id`/`img_pad_id` and the other `*_id`s, `mergeable_ranks`, the tiktoken
+    `Encoding` as `tokenizer`, `decoder` (id -> token bytes, special tokens as str), `errors`, and
+    `tokenize(text, allowed_special="all", disallowed_special=())`. `convert_tokens_to_ids` also takes the official
+    tokens (bytes, or str for special tokens), so a subclass may override `tokenize` and `_decode` on top of
+    `tokenizer` and `decoder`, as vLLM does to leave image spans unexpanded. (vLLM then expands each `<img></img>` to
+    `(image_size // patch_size // 2) ** 2` positions itself, which must equal the model's `n_queries`: 256 for the
+    released 448 px models.)
 
     Args:
         vocab_file (`str`): Path of the `qwen.tiktoken` vocabulary.
@@ -162,11 +181,20 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         chat_template (`str`, *optional*): Jinja chat template; defaults to Qwen-VL-Chat's ChatML.
         image_span_length (`int`, *optional*, defaults to 256): Positions between `<img>` and `</img>`; must equal
             the model's `config.visual["n_queries"]` (256 in every official checkpoint).
+        padding_side (`str`, *optional*, defaults to `"left"`): Side on which batches are padded.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
     _auto_class = "AutoTokenizer"  # save_pretrained copies this file next to tokenizer_config.json
+    padding_side = "left"
+    # The official QWenTokenizer's names for the multimodal tags.
+    ref_start_tag, ref_end_tag = REF_TAGS
+    box_start_tag, box_end_tag = BOX_TAGS
+    quad_start_tag, quad_end_tag = QUAD_TAGS
+    image_start_tag, image_end_tag = IMAGE_TAGS
+    image_pad_tag = IMAGE_PAD
+    IMAGE_ST = IMAGE_ST
 
     def __init__(
         self,
@@ -176,6 +204,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         pad_token: str = ENDOFTEXT,
         chat_template: str | dict | None = CHAT_TEMPLATE,
         image_span_length: int = IMAGE_SPAN_LENGTH,
+        padding_side: str = "left",
         **kwargs,
     ):
         if not isinstance(image_span_length, int) or isinstance(image_span_length, bool) or image_span_length < 1:
@@ -200,6 +229,9 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self.encoding = tiktoken.Encoding(
             "qwen_vl", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
         )
+        self.tokenizer = self.encoding  # the official QWenTokenizer's name for it
+        self.decoder = {rank: token_bytes for token_bytes, rank in self.mergeable_ranks.items()}
+        self.decoder.update({index: token for token, index in self.special_tokens.items()})
 
         self._id_to_token = [""] * num_ranks
         for token_bytes, rank in self.mergeable_ranks.items():
@@ -214,6 +246,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self.quad_start_id, self.quad_end_id = (self.special_tokens[t] for t in QUAD_TAGS)
         self.img_start_id, self.img_end_id = (self.special_tokens[t] for t in IMAGE_TAGS)
         self.img_pad_id = self.special_tokens[IMAGE_PAD]
+        self.image_special_tokens = {self.ref_start_id, self.ref_end_id, self.box_start_id, self.box_end_id,
+                                     self.quad_start_id, self.quad_end_id}
 
         # The special tokens are fixed by the vocabulary: a saved `added_tokens_decoder` may only repeat them.
         for index, token in kwargs.pop("added_tokens_decoder", {}).items():
@@ -233,6 +267,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             pad_token=pad_token,
             chat_template=chat_template,
             image_span_length=image_span_length,
+            padding_side=padding_side,
             **kwargs,
         )
 
@@ -264,50 +299,142 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         so user text cannot open a new turn; only the image and grounding tags are special inside content.
 
         `sanitize_control_tokens` defaults to `True` when tokenizing; pass `False` for trusted input whose control
-        tokens should act as such. (transformers does not combine sanitizing with `return_assistant_tokens_mask`.)
+        tokens should act as such. `return_assistant_tokens_mask=True` needs the processor
+        ([`QwenVLProcessor.apply_chat_template`]), which computes the mask without a fast tokenizer's offsets.
         """
+        if kwargs.get("return_assistant_tokens_mask"):
+            raise ValueError(
+                "return_assistant_tokens_mask=True: use the processor's apply_chat_template "
+                "(AutoProcessor.from_pretrained(...)); for TRL pass it as SFTTrainer's processing_class."
+            )
         if sanitize_control_tokens is None:
-            sanitize_control_tokens = kwargs.get("tokenize", True) and not kwargs.get("return_assistant_tokens_mask")
+            sanitize_control_tokens = kwargs.get("tokenize", True)
         return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
 
     def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
         """The tokens that sanitizing keeps as text in messages: ChatML's, not the image and grounding tags."""
         return CONTROL_TOKENS
 
-    def _encode_plus(self, text, *args, sanitize_control_tokens: bool = False, **kwargs):
-        # A chat rendered from marked input (see `apply_chat_template`) is encoded by `tokenize(marked_chat=True)`.
+    def _mark_chat_inputs(self, chat_template, conversations, tools, documents, template_kwargs, tokenize, assistant_mask):
+        """
+        transformers' marking of typed control tokens, also with `return_assistant_tokens_mask` (which it refuses
+        because a fast tokenizer's offsets would not match the marked text): here the offsets that the mask is built
+        from are characters of the marked chat itself (see `_encode_marked_chat`).
+        """
+        return super()._mark_chat_inputs(chat_template, conversations, tools, documents, template_kwargs, tokenize, False)
+
+    def _encode_plus(
+        self, text, *args, sanitize_control_tokens: bool = False, return_offsets_mapping: bool = False, **kwargs
+    ):
+        """
+        transformers' `_encode_plus`, where `sanitize_control_tokens` marks a chat rendered from marked input (see
+        `apply_chat_template`) and `return_offsets_mapping=True` (per text) adds the `(start, end)` characters
+        behind each id (see `_char_offsets`), which transformers' python tokenizers do not provide.
+        """
         if sanitize_control_tokens:
             kwargs["marked_chat"] = True
-        return super()._encode_plus(text, *args, **kwargs)
+        if not isinstance(text, str) or not return_offsets_mapping:
+            if return_offsets_mapping:  # a batch: each text comes back here
+                kwargs["return_offsets_mapping"] = True
+            return super()._encode_plus(text, *args, **kwargs)
+        if args or kwargs.get("text_pair") is not None:
+            raise ValueError("return_offsets_mapping=True takes single texts, not text pairs.")
+        ids, offsets = self._encode(text, return_offsets=True, **kwargs)
+        if not ids:
+            return super()._encode_plus(text, *args, **kwargs)
+        return_tensors = kwargs.pop("return_tensors", None)
+        encoding = super()._encode_plus(ids, *args, **kwargs)  # ids pass through: truncation applies to them
+        kept = len(encoding["input_ids"])
+        encoding["offset_mapping"] = offsets[len(offsets) - kept :] if self.truncation_side == "left" else offsets[:kept]
+        return BatchEncoding(dict(encoding), tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
 
-    def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Split `text` into tokens; `split_special_tokens=True` encodes special-token text as plain text."""
-        split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
-        if kwargs.pop("marked_chat", False):
-            return self.convert_ids_to_tokens(self._encode_marked_chat(text))
-        allowed = set() if split_special_tokens else "all"
-        return self.convert_ids_to_tokens(self._encode_ids(text, allowed_special=allowed))
+    def tokenize(
+        self,
+        text: str,
+        allowed_special: set[str] | str | None = None,
+        disallowed_special: set[str] | str = (),
+        **kwargs,
+    ) -> list[str]:
+        """
+        Split `text` into tokens. As in the official tokenizer (and tiktoken), special-token text in
+        `allowed_special` (a set, or `"all"`: the default) becomes special tokens, other special-token text is plain
+        text unless it is in `disallowed_special` (a set or `"all"`), which raises. `split_special_tokens=True` is
+        transformers' spelling of `allowed_special=set()`. The arguments also reach here through `encode` and
+        `__call__`, e.g. `tokenizer.encode(text, allowed_special=set(tokenizer.IMAGE_ST))`.
+        """
+        return self.convert_ids_to_tokens(self._encode(text, allowed_special, disallowed_special, **kwargs)[0])
 
-    def _encode_marked_chat(self, chat: str) -> list[int]:
+    def _encode(
+        self,
+        text: str,
+        allowed_special: set[str] | str | None = None,
+        disallowed_special: set[str] | str = (),
+        split_special_tokens: bool | None = None,
+        marked_chat: bool = False,
+        return_offsets: bool = False,
+        **unused,
+    ) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """Ids of `text` (see `tokenize`; `marked_chat`: see `_encode_marked_chat`), and their offsets if asked."""
+        if marked_chat:
+            return self._encode_marked_chat(text, return_offsets)
+        if allowed_special is None:
+            split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+            allowed_special = set() if split else "all"
+        ids = self._encode_ids(text, allowed_special, disallowed_special)
+        return ids, self._char_offsets(text, ids) if return_offsets else None
+
+    def _encode_marked_chat(
+        self, chat: str, return_offsets: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]] | None]:
         """
         Ids of a chat rendered from marked input, as the official `make_context` encodes it: the control tokens the
-        template wrote are special ids, and the text between them (role names, content) is encoded whole with only
-        `IMAGE_ST` special, user-typed control tokens included as plain text.
+        template wrote are special ids; each role name, the newline after it and each content string are encoded
+        separately, with only `IMAGE_ST` special (user-typed control tokens, their markers dropped, are plain text).
+        With `return_offsets`, also the `(start, end)` characters of `chat` behind each id. An assistant reply thus
+        starts on a token boundary, where the template's `{% generation %}` span starts.
         """
-        ids, text, position = [], [], 0
+        ids, offsets = [], []
+        text, origin = "", []  # the text since the template's last control token, and where its characters are in `chat`
+        after_im_start = False
+
+        def encode_text():
+            parts = text.split("\n", 1) if after_im_start else [text]
+            if len(parts) == 2:
+                parts.insert(1, "\n")
+            position = 0
+            for part in parts:
+                if part:
+                    part_ids = self._encode_ids(part, allowed_special=set(IMAGE_ST))
+                    ids.extend(part_ids)
+                    if return_offsets:
+                        where = origin[position : position + len(part)]
+                        offsets.extend(
+                            (where[start], where[end - 1] + 1) if end > start else (where[start],) * 2
+                            for start, end in self._char_offsets(part, part_ids)
+                        )
+                position += len(part)
+
+        position = 0
         for match in _MARKED_CHAT.finditer(chat):
-            text.append(chat[position : match.start()])
+            text += chat[position : match.start()]
+            origin.extend(range(position, match.start()))
             position = match.end()
             if match.group(1):  # typed by the user: plain text
-                text.append(match.group(1))
+                text += match.group(1)
+                origin.extend(range(*match.span(1)))
             elif match.group(2):  # written by the template
-                ids += self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else []
+                encode_text()
                 ids.append(self.special_tokens[match.group(2)])
-                text = []
-        text.append(chat[position:])
-        return ids + (self._encode_ids("".join(text), allowed_special=set(IMAGE_ST)) if any(text) else [])
+                offsets.append(match.span(2))
+                text, origin, after_im_start = "", [], match.group(2) == IM_START
+        text += chat[position:]
+        origin.extend(range(position, len(chat)))
+        encode_text()
+        return ids, offsets if return_offsets else None
 
-    def _bpe_encode(self, text: str, allowed_special: set[str] | str) -> list[int]:
+    def _bpe_encode(
+        self, text: str, allowed_special: set[str] | str, disallowed_special: set[str] | str = ()
+    ) -> list[int]:
         """
         tiktoken's `encode`. Its regex engine gives up on some long inputs (a run of about a million spaces exceeds its
         backtracking stack); those are split into the same pre-tokenization pieces by Python's `regex` module (the
@@ -315,7 +442,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         whole, which is exactly what tiktoken does, so the ids are those tiktoken gives wherever it succeeds.
         """
         try:
-            return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+            return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         except ValueError as error:
             if "regex" not in str(error).lower():
                 raise
@@ -334,13 +461,48 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                 position = match.end()
         return ids
 
-    def _encode_ids(self, text: str, allowed_special: set[str] | str = "all") -> list[int]:
+    def _char_offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
         """
-        NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`) and lay
-        out every `<img>...</img>` span as `image_span_length + 2` ids.
+        `(start, end)` characters of `text` behind each of its ids (from `_encode_ids`). Exact for BPE and special
+        tokens (a character split over tokens belongs to each of them); inside an image span, path bytes share the
+        path's characters and `<imgpad>` padding covers none. Text that NFC normalisation changes maps every id to
+        the whole text.
+        """
+        if not ids or unicodedata.normalize("NFC", text) != text:
+            return [(0, len(text))] * len(ids)
+        char_of_byte = [index for index, char in enumerate(text) for _ in range(len(char.encode()))] + [len(text)]
+        data = text.encode()
+
+        def chars(start: int, end: int) -> tuple[int, int]:
+            return (char_of_byte[start], char_of_byte[end - 1] + 1) if end > start else (char_of_byte[start],) * 2
+
+        offsets, position, index = [], 0, 0
+        while index < len(ids):
+            token = self.decoder[ids[index]]
+            length = len(token) if isinstance(token, bytes) else len(token.encode())
+            offsets.append(chars(position, position + length))
+            position += length
+            index += 1
+            if ids[index - 1] == self.img_start_id:  # the span's positions follow, then `</img>`
+                end = data.index(IMAGE_TAGS[1].encode(), position)
+                offsets.extend(
+                    chars(end, end) if inner == self.img_pad_id else chars(position, end)
+                    for inner in ids[index : index + self.image_span_length]
+                )
+                position, index = end, index + self.image_span_length
+        if position != len(data):  # not the ids of this text
+            raise ValueError(f"The ids do not encode {text[:60]!r}")
+        return offsets
+
+    def _encode_ids(
+        self, text: str, allowed_special: set[str] | str = "all", disallowed_special: set[str] | str = ()
+    ) -> list[int]:
+        """
+        NFC-normalise, BPE-encode (recognising the special tokens in `allowed_special`, a set or `"all"`; see
+        `tokenize` for `disallowed_special`) and lay out every `<img>...</img>` span as `image_span_length + 2` ids.
         """
         text = unicodedata.normalize("NFC", text)
-        ids = self._bpe_encode(text, allowed_special)
+        ids = self._bpe_encode(text, allowed_special, disallowed_special)
         if self.img_start_id not in ids and self.img_end_id not in ids:
             return ids
         output = []
@@ -403,19 +565,29 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                 )
         return ids, pair_ids, overflowing_tokens
 
-    def _convert_token_to_id(self, token: str) -> int:
-        if token not in self._token_to_id:
-            raise ValueError(f"Unknown token {token!r}: tokens are byte-level strings as returned by `tokenize`")
-        return self._token_to_id[token]
+    def _convert_token_to_id(self, token: str | bytes) -> int:
+        """Id of a byte-level string (as `tokenize` returns), or of an official token (bytes)."""
+        index = self.mergeable_ranks.get(token) if isinstance(token, bytes) else self._token_to_id.get(token)
+        if index is None:
+            raise ValueError(
+                f"Unknown token {token!r}: tokens are byte-level strings as returned by `tokenize`, or the token "
+                "bytes of the vocabulary"
+            )
+        return index
 
     def _convert_id_to_token(self, index: int) -> str:
         if not 0 <= index < len(self._id_to_token):
             raise ValueError(f"Token id {index} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
         return self._id_to_token[index]
 
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+    def convert_tokens_to_string(self, tokens: list[str | bytes]) -> str:
+        """Text of byte-level string tokens (as `tokenize` returns) and/or official tokens (bytes)."""
         data = b"".join(
-            token.encode("utf-8") if token in self.special_tokens else bytes(BYTE_DECODER[c] for c in token)
+            token
+            if isinstance(token, bytes)
+            else token.encode("utf-8")
+            if token in self.special_tokens
+            else bytes(BYTE_DECODER[c] for c in token)
             for token in tokens
         )
         return data.decode("utf-8", errors=self.errors)

@@ -1,6 +1,7 @@
 """QwenVLTokenizer against the official tokenizer's golden outputs, plus its own contracts."""
 
 import base64
+import json
 
 import jinja2
 import pytest
@@ -162,15 +163,19 @@ def test_vocabulary_is_fixed(tmp_path):
     assert len(tokenizer) == tokenizer.vocab_size
 
 
-def test_batch_padding(tokenizer):
+def test_batch_padding(tokenizer, tmp_path):
+    """Decoder-only generation needs left padding: the default, saved in tokenizer_config.json."""
+    assert tokenizer.padding_side == "left"
     batch = tokenizer(["hi", "Picture 1: <img></img>\nhello there"], padding=True, return_tensors="pt")
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     length = batch["input_ids"].shape[1]
     short = tokenizer.encode("hi")
-    assert batch["input_ids"][0].tolist() == short + [tokenizer.pad_token_id] * (length - len(short))
-    assert batch["attention_mask"][0].tolist() == [1] * len(short) + [0] * (length - len(short))
-    left = tokenizer(["hi", "hello there friend"], padding=True, padding_side="left", return_tensors="pt")
-    assert left["input_ids"][0, -1].item() == short[-1] and left["attention_mask"][0, 0].item() == 0
+    assert batch["input_ids"][0].tolist() == [tokenizer.pad_token_id] * (length - len(short)) + short
+    assert batch["attention_mask"][0].tolist() == [0] * (length - len(short)) + [1] * len(short)
+    right = tokenizer(["hi", "hello there friend"], padding=True, padding_side="right", return_tensors="pt")
+    assert right["input_ids"][0, 0].item() == short[0] and right["attention_mask"][0, -1].item() == 0
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["padding_side"] == "left"
 
 
 def test_chat_template_content_items(tokenizer):
