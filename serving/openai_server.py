@@ -142,19 +142,19 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         raise APIError(f"{param}: cannot open the image: {error}", param=param, code="invalid_image") from error
 
 
-# Text that would not stay plain text in the prompt: image spans (the processor opens the path inside one, bypassing
-# --image-root) and ChatML control tokens (the prompt string is tokenized with special tokens allowed, so typed ones
-# would open or close turns; the official `make_context` keeps them as plain text instead).
-_REFUSED_TEXT = re.compile(r"</?img>|<\|(?:im_start|im_end|endoftext|extra_\d+)\|>")
+# Image tags in message text are refused: images come only from image_url items (never from a path in the text).
+# ChatML control tokens typed in text stay plain text, as in the official `make_context` (the processor's chat
+# template sanitizes them), so they need no check here.
+_REFUSED_TEXT = re.compile(r"</?img>")
 
 
 def _check_text(text: str, param: str) -> str:
-    """Refuse `<img>` tags and ChatML control tokens in message text (see `_REFUSED_TEXT`)."""
+    """Refuse `<img>`/`</img>` in message text (see `_REFUSED_TEXT`)."""
     found = _REFUSED_TEXT.search(text)
     if found:
         raise APIError(
-            f"{param}: text may not contain {found.group()!r} (image tags and ChatML control tokens are refused); send "
-            "images as image_url items.",
+            f"{param}: text may not contain {found.group()!r} (image tags are refused); send images as image_url "
+            "items.",
             param=param,
             code="invalid_content_item",
         )
@@ -184,7 +184,7 @@ def _template_messages(request: ChatCompletionRequest, config: ServerConfig) -> 
                         code="invalid_content_item",
                     )
                 images.append(_open_image(url, param, config))
-                items.append({"type": "image"})
+                items.append({"type": "image", "image": images[-1]})
             else:
                 raise APIError(
                     f"{param}: expected {{'type': 'text', 'text': str}} or {{'type': 'image_url', 'image_url': "
@@ -416,9 +416,10 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
             raise APIError("stop must be a non-empty string or a list of at most 4 non-empty strings.", param="stop")
         messages, images = _template_messages(request, config)
         try:
-            prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            # `images` is always a list, so no span of the prompt is read as a local path.
-            encoded = processor(text=prompt, images=images, return_tensors="pt")
+            # Tokenized by the template: typed control tokens stay text, and images come only from the image items.
+            encoded = processor.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
         except ValueError as error:
             raise APIError(f"messages: {error}", param="messages", code="invalid_content") from error
         input_ids = encoded["input_ids"][0].tolist()

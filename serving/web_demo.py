@@ -45,16 +45,18 @@ class ChatSession:
         self.drawn_dir = Path(tempfile.mkdtemp(prefix="qwen-vl-web-"))
 
     def _inputs(self, turns: list[dict]):
-        messages, images = [], []
+        messages = []
         for turn in turns:
-            images += [load_image(path) for path in turn["images"]]
-            content = [{"type": "image"} for _ in turn["images"]] + [{"type": "text", "text": turn["query"]}]
+            content = [{"type": "image", "image": load_image(path)} for path in turn["images"]]
+            content.append({"type": "text", "text": turn["query"]})
             messages.append({"role": "user", "content": content})
             if turn.get("response") is not None:
                 messages.append({"role": "assistant", "content": turn["response"]})
-        prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # `images` is always a list, so an `<img>path</img>` typed in a question is refused, never opened.
-        return self.processor(text=prompt, images=images, return_tensors="pt").to(self.model.device)
+        # Tokenized by the template: control tokens typed in a question stay text, and an `<img>path</img>` typed in
+        # one is refused, never opened (images come only from the image items).
+        return self.processor.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        ).to(self.model.device)
 
     def stream(self, turns: list[dict]):
         """Yield the growing answer to the last turn's query (whose `response` is None)."""
