@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -667,21 +666,19 @@ class QwenVLPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; an unreadable or truncated safetensors file raises a `ValueError` that
-        names it (for a local directory) instead of safetensors' bare "Error while deserializing header"."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as error:
-            where = str(pretrained_model_name_or_path)
-            folder = os.path.join(where, kwargs.get("subfolder") or "")
-            broken = sorted(name for name in os.listdir(folder) if _broken_safetensors(os.path.join(folder, name))) if (
-                os.path.isdir(folder)
-            ) else []
-            raise ValueError(
-                f"Cannot load the weights of {where!r}: {', '.join(broken) or 'a safetensors file'} is not a valid "
-                f"safetensors file ({error}); it is truncated or corrupt (or a Git LFS pointer): download or save it "
-                "again."
-            ) from error
+        """`PreTrainedModel.from_pretrained`; in a local directory, an unreadable or truncated safetensors file raises
+        a `ValueError` that names it, instead of safetensors' bare "Error while deserializing header"."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            broken = sorted(name for name in os.listdir(folder) if _broken_safetensors(os.path.join(folder, name)))
+            if broken:
+                raise ValueError(
+                    f"Cannot load the weights of {str(pretrained_model_name_or_path)!r}: {', '.join(broken)} is not a "
+                    "valid safetensors file (its header is unreadable or promises more bytes than the file holds); it "
+                    "is truncated or corrupt (or a Git LFS pointer): download or save it "
+                    "again."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)

@@ -198,3 +198,27 @@ def test_remote_code_has_no_network_exec_or_unpickling():
         tree = ast.parse(source)
         assert any(isinstance(node, ast.FunctionDef) and node.name == function for node in ast.walk(tree))
         assert forbidden_uses(source, "unlisted.py"), (file_name, function)
+
+
+# What the remote code may import beyond the standard library: what a Hub repo's users already have with transformers.
+# huggingface_hub gives configs their `@strict` validation (as transformers' own configs use it) and `regex` is
+# tiktoken's own pre-tokenizer dependency, used only for inputs tiktoken's engine gives up on.
+THIRD_PARTY_IMPORTS = {"torch", "transformers", "tiktoken", "PIL", "numpy", "huggingface_hub", "regex"}
+
+
+def test_remote_code_imports_only_what_transformers_and_tiktoken_bring():
+    import sys
+
+    found = {}
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                root = name.split(".")[0]
+                if root not in sys.stdlib_module_names and root not in THIRD_PARTY_IMPORTS:
+                    found.setdefault(path.name, []).append(f"{node.lineno}: {name}")
+    assert found == {}
