@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -262,32 +263,44 @@ class QwenVLRotaryEmbedding(nn.Module):
         self.dim = int(config.kv_channels * config.rotary_pct)
         self.base = config.rotary_emb_base
         self.register_buffer("inv_freq", self.inverse_frequencies(1.0), persistent=False)
+        # Past the trained context every decoding step reuses the prefill's alpha: build its frequencies once.
+        self._inv_freq_by_alpha: dict[tuple[float, torch.device], torch.Tensor] = {}
 
     def inverse_frequencies(self, ntk_alpha: float) -> torch.Tensor:
         base = self.base * ntk_alpha ** (self.dim / (self.dim - 2))
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
+    def _inverse_frequencies_for(self, ntk_alpha: float) -> torch.Tensor:
+        if ntk_alpha == 1.0:
+            return self.inv_freq
+        key = (ntk_alpha, self.inv_freq.device)
+        if key not in self._inv_freq_by_alpha:
+            self._inv_freq_by_alpha[key] = self.inverse_frequencies(ntk_alpha).to(self.inv_freq.device)
+        return self._inv_freq_by_alpha[key]
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, ntk_alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [batch, len] -> float32 (cos, sin) of shape [batch, len, dim]."""
-        inv_freq = self.inv_freq if ntk_alpha == 1.0 else self.inverse_frequencies(ntk_alpha).to(self.inv_freq.device)
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        """position_ids [batch, len] -> float32 (cos, sin) of shape [batch, len, dim // 2].
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        Only one half is returned: the official tables repeat it (`cat((freqs, freqs))`), and `apply_rotary_pos_emb`
+        uses each half once, so the duplicate is never built.
+        """
+        freqs = position_ids[..., None].float() * self._inverse_frequencies_for(ntk_alpha)
+        return freqs.cos(), freqs.sin()
 
 
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of x [batch, heads, len, head_dim] in float32; the rest pass through."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
-    x_rot = (x_rot * cos + rotate_half(x_rot) * sin).type_as(x)
-    return x_rot if rot_dim == x.shape[-1] else torch.cat((x_rot, x_pass), dim=-1)  # rotary_pct 1: no copy
+    """Rotate the first `2 * cos.shape[-1]` dims of x [batch, len, ..., head_dim] in float32; the rest pass through.
+
+    cos, sin: [batch, len, rot_dim // 2] (one half of the official repeated tables). Written out per half, which is the
+    official `x * cos + rotate_half(x) * sin` term by term (same products and sums), without building `rotate_half(x)`.
+    """
+    shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[-1:]
+    cos, sin = cos.view(shape), sin.view(shape)
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    return rotated if 2 * half == x.shape[-1] else torch.cat((rotated, x[..., 2 * half :]), dim=-1)
 
 
 def dynamic_ntk_alpha(seq_len: int, trained_len: int) -> float:
@@ -328,12 +341,10 @@ class QwenVLAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
-        query, key, value = (
-            t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            for t in self.c_attn(hidden_states).chunk(3, dim=-1)
-        )
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        query_key = apply_rotary_pos_emb(qkv[:, :, :2], *position_embeddings)  # q and k in one pass
+        # [batch, heads, len, head_dim] views
+        query, key, value = query_key[:, :, 0].transpose(1, 2), query_key[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if logn_scale is not None:
             query = query * logn_scale.to(query.dtype)
         if cache is not None:
