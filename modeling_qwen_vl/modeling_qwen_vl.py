@@ -316,6 +316,71 @@ def logn_attention_scale(position_ids: torch.Tensor, trained_len: int) -> torch.
     return scale[:, None, :, None]
 
 
+class QwenVLCacheLayer(DynamicLayer):
+    """A `DynamicLayer` that writes new keys/values into preallocated room instead of `torch.cat`-ing every step.
+
+    `keys`/`values` are views `[batch, heads, len, head_dim]` of a buffer with room for `capacity` positions, so a
+    decoding step copies one position per layer instead of the whole cache (at batch 8 and 300 positions the copies
+    cost as much as reading the weights). Everything else is `DynamicLayer`'s: attention sees exactly the filled
+    length (same results as `DynamicCache`), and crop, beam reordering and batch selection keep working (they replace
+    `keys`; the next update then copies them into a new buffer). Hand-written because transformers' `StaticCache`
+    cannot grow, masks its whole length on every step, and fixes the length of a cache reused across `generate` calls.
+    """
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self._key_buffer = self._value_buffer = None
+
+    def _holds(self, tensor: torch.Tensor | None, buffer: torch.Tensor | None) -> bool:
+        return tensor is not None and buffer is not None and tensor.data_ptr() == buffer.data_ptr()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            return super().update(key_states, value_states)  # in-place writes would break autograd: plain concatenation
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past = self.get_seq_length()
+        total = past + key_states.shape[-2]
+        buffer = self._key_buffer
+        fits = (
+            self._holds(self.keys, buffer)
+            and self._holds(self.values, self._value_buffer)
+            and buffer.shape[:2] == key_states.shape[:2]
+            and buffer.dtype == key_states.dtype
+            and total <= buffer.shape[-2]
+            and (torch.is_inference_mode_enabled() or not buffer.is_inference())
+        )
+        if not fits:  # first update, growth, or keys replaced by crop/reorder/select: copy them into a new buffer
+            room = max(total, self.capacity, past + past // 2, 256 * math.ceil(total / 256))
+            self._key_buffer = key_states.new_empty(key_states.shape[:2] + (room, key_states.shape[-1]))
+            self._value_buffer = value_states.new_empty(value_states.shape[:2] + (room, value_states.shape[-1]))
+            if past:
+                self._key_buffer[:, :, :past].copy_(self.keys)
+                self._value_buffer[:, :, :past].copy_(self.values)
+        self._key_buffer[:, :, past:total].copy_(key_states)
+        self._value_buffer[:, :, past:total].copy_(value_states)
+        self.keys, self.values = self._key_buffer[:, :, :total], self._value_buffer[:, :, :total]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+
+
+class QwenVLCache(DynamicCache):
+    """`DynamicCache` of [`QwenVLCacheLayer`]s: the default cache of this model's forward and `generate`.
+
+    `capacity` (positions) presizes every layer; `generate` passes its maximal length. Without it, layers grow in
+    steps of at least 256 positions or half their length.
+    """
+
+    def __init__(self, config: QwenVLConfig, capacity: int = 0):
+        super().__init__()
+        self.layers = [QwenVLCacheLayer(capacity) for _ in range(config.num_hidden_layers)]
+        self.layer_class_to_replicate = None
+
+
 class QwenVLAttention(nn.Module):
     """Causal self-attention with a fused `c_attn` (q | k | v contiguous) and rotary embeddings on q and k."""
 
@@ -539,7 +604,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = QwenVLCache(self.config)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
 
@@ -617,6 +682,29 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: GenerationConfig,
+        model_kwargs: dict,
+        generation_mode: GenerationMode,
+        batch_size: int,
+        max_cache_length: int,
+    ):
+        """`generate`'s default cache (`cache_implementation` unset or "dynamic") is a [`QwenVLCache`] presized to the
+        call's maximal length: no per-step concatenation, and still a `DynamicCache` for every other purpose."""
+        if (
+            model_kwargs.get("cache") is None
+            and generation_config.use_cache
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["cache"] = QwenVLCache(self.config, capacity=max_cache_length)
+            if generation_config.is_assistant:
+                model_kwargs["cache"].activate_past_recording()
+            return
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] -> image features [N, n_queries, hidden_size]."""
