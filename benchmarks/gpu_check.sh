@@ -20,7 +20,7 @@ python -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/de
   || echo "flash-attn not available: the flash_attention_2 variant is skipped (see $LOG/flash_attn_install.txt)"
 
 # 1. Our model: every attention implementation in one run (bf16), training MFU against the GPU's dense bf16 peak.
-timeout 420 python benchmarks/run.py --config 1B --device cuda --dtype bfloat16 --quick --no-compile --no-int8 2>&1 | tee "$LOG/run.txt"
+timeout 420 python benchmarks/run.py --config 1B --device cuda --dtype bfloat16 --quick --no-compile --no-int8 --training 2>&1 | tee "$LOG/run.txt"
 cp benchmarks/RESULTS.md "$LOG/RESULTS.md"
 
 # 2. vLLM serving of a converted (official-format) random checkpoint of the same config, token-id prompts (the

@@ -8,7 +8,7 @@ Prints one table and writes it, with the machine it ran on, to `benchmarks/RESUL
 device, dtype and `--quick` setting; the other sections are kept).
 
     python benchmarks/run.py [--config small-12L|small] [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
-                             [--no-compile] [--no-training]
+                             [--no-compile] [--no-int8] [--training]
 """
 
 import argparse
@@ -389,7 +389,9 @@ class Benchmark:
         self.implementations = ["eager", "sdpa"]
         if self.device == "cuda" and self.dtype != torch.float32 and is_flash_attn_2_available():
             self.implementations.append("flash_attention_2")
-        self.compiled = compiled_copy(self.model) if settings.compile else None
+        # Block-compiled copy for prefill and vision: on CPU it gained ~4% (RESULTS.md, "small" config) for minutes of
+        # compilation, so only GPUs measure it; decoding is compiled by `generate` (static cache) everywhere.
+        self.compiled = compiled_copy(self.model) if settings.compile and self.device == "cuda" else None
         cpu_float32 = self.device == "cpu" and self.dtype == torch.float32
         self.int8 = int8_models(self.model) if cpu_float32 and settings.int8 else {}
         self.generator = torch.Generator().manual_seed(0)
@@ -405,11 +407,11 @@ class Benchmark:
         """The best limits seen in this run (measured before and after the benchmarks): the conservative bound."""
         return Limits(*(max(getattr(l, f) for l in self.limits) for f in ("bandwidth", "copy_bandwidth", "matmul")))
 
-    def inference_variants(self, call: Callable) -> dict[str, Callable]:
+    def inference_variants(self, call: Callable, int8: bool = False) -> dict[str, Callable]:
         variants = {name: using(self.model, name, lambda: call(self.model)) for name in self.implementations}
         if self.compiled is not None:
             variants["sdpa+compile"] = using(self.compiled, "sdpa", lambda: call(self.compiled))
-        for name, model in self.int8.items():
+        for name, model in self.int8.items() if int8 else ():
             variants[f"sdpa+{name}"] = lambda model=model: call(model)
         return variants
 
@@ -421,7 +423,7 @@ class Benchmark:
                 model(**batch, use_cache=True, logits_to_keep=1)
 
         s = self.settings
-        times = interleaved(self.inference_variants(call), s.warmup, 2 * s.rounds, self.device)
+        times = interleaved(self.inference_variants(call, int8=True), s.warmup, s.rounds + 2, self.device)
         label = f"prefill latency, 1 image + {PROMPT_TEXT_TOKENS} text tokens, batch 1"
         self.prefill_flops = prefill_flops(self.config, batch["input_ids"].shape[1], 1)
         self.rows += [Row(label, name, 1e3 * t, "ms", False) for name, t in times.items()]
@@ -474,6 +476,50 @@ class Benchmark:
             label = f"decode, batch {batch_size}, {s.new_tokens} new tokens after {prompt}-position prompts"
             tokens = batch_size * (s.new_tokens - 1)
             self.rows += [Row(label, name, tokens / t, "tokens/s", True) for name, t in times.items()]
+
+    def profile_decode(self, steps: int = 8):
+        """Where a default-path decoding step's time goes: `torch.profiler` over `steps` forward calls after a prefill
+        (batch 1 and 8, the benchmark's prompts), as ms per step for the costliest operators."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from modeling_qwen_vl.modeling_qwen_vl import QwenVLCache
+
+        self.model.set_attn_implementation("sdpa")
+        lines = []
+        for batch_size in (1, 8):
+            lengths = BATCH_TEXT_TOKENS if batch_size == 8 else [PROMPT_TEXT_TOKENS]
+            batch = to_device(prompts(self.config, lengths, self.generator, images=False), self.device, self.dtype)
+            width = batch["input_ids"].shape[1]
+            with torch.inference_mode():
+                cache = QwenVLCache(self.config, capacity=width + 2 * steps)
+                position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                out = self.model(**batch, position_ids=position_ids, cache=cache, logits_to_keep=1)
+                mask, token, position = batch["attention_mask"], out.logits.argmax(-1), position_ids[:, -1:]
+
+                def step():
+                    nonlocal mask, token, position
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                    position = position + 1
+                    out = self.model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
+                    token = out.logits.argmax(-1)
+
+                step()  # warm-up
+                synchronize(self.device)
+                start = time.perf_counter()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(steps):
+                        step()
+                    synchronize(self.device)
+                wall = (time.perf_counter() - start) / steps
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+            top = ", ".join(f"`{e.key}` {e.self_cpu_time_total / steps / 1e3:.2f}" for e in events[:8])
+            calls = sum(e.count for e in events) / steps
+            lines.append(
+                f"- batch {batch_size}: {1e3 * wall:.1f} ms per step under the profiler ({total:.1f} ms of operator "
+                f"self time, {calls:.0f} operator calls per step); ms per step: {top}"
+            )
+        self.profile_lines = lines
 
     def bound_fractions(self):
         """Fill `of_bound` for prefill (matmul peak) and decode (weight + KV streaming) rows from this run's limits."""
@@ -723,21 +769,21 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter inputs, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    parser.add_argument("--no-training", action="store_true", help="skip the training step and memory benchmarks")
+    parser.add_argument("--training", action="store_true", help="also the training step and memory benchmarks (minutes)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants (CPU float32)")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
     settings = replace(
-        settings_for(args.device, args.quick, not args.no_compile), training=not args.no_training, int8=not args.no_int8
+        settings_for(args.device, args.quick, not args.no_compile), training=args.training, int8=not args.no_int8
     )
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     bench = Benchmark(args, settings)
-    bench.prefill_flops, bench.decode_lengths = 0.0, {}
+    bench.prefill_flops, bench.decode_lengths, bench.profile_lines = 0.0, {}, []
     params = sum(p.numel() for p in bench.model.parameters())
-    parts = [bench.measure_limits, bench.prefill, bench.vision, bench.decode, bench.measure_limits]
+    parts = [bench.measure_limits, bench.prefill, bench.vision, bench.decode, bench.profile_decode, bench.measure_limits]
     if settings.training:
         parts.append(bench.training)
     for part in parts:
@@ -784,6 +830,10 @@ def main():
             "### Targets",
             "",
             targets(bench.rows, batch8_ceiling(bench)),
+            "",
+            "### Profile of a decoding step (default path: sdpa, `QwenVLCache`)",
+            "",
+            *bench.profile_lines,
         ]
     )
     print(section)
