@@ -249,9 +249,9 @@ class QwenVLRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Normalise in float32, cast back, then scale (the official order)."""
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        """Normalise in float32, cast back, then scale (the official order). `F.rms_norm` computes the official
+        `x * rsqrt(mean(x^2) + eps)` in one call (same results, fewer operator launches per decoding step)."""
+        x = F.rms_norm(hidden_states.float(), hidden_states.shape[-1:], eps=self.eps)
         return x.type_as(hidden_states) * self.weight
 
 
