@@ -8,7 +8,7 @@ Prints one table and writes it, with the machine it ran on, to `benchmarks/RESUL
 device, dtype and `--quick` setting; the other sections are kept).
 
     python benchmarks/run.py [--config small-12L|small] [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
-                             [--no-compile] [--no-int8] [--training]
+                             [--no-compile | --compile] [--no-int8] [--training]
 """
 
 import argparse
@@ -769,6 +769,9 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter inputs, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument(
+        "--compile", action="store_true", help="on CPU, also the compiled decoding variant (off by default: minutes)"
+    )
     parser.add_argument("--training", action="store_true", help="also the training step and memory benchmarks (minutes)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants (CPU float32)")
     args = parser.parse_args()
@@ -776,7 +779,9 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible")
     settings = replace(
-        settings_for(args.device, args.quick, not args.no_compile), training=args.training, int8=not args.no_int8
+        settings_for(args.device, args.quick, not args.no_compile and (args.device == "cuda" or args.compile)),
+        training=args.training,
+        int8=not args.no_int8,
     )
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
