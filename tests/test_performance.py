@@ -68,6 +68,70 @@ def test_compiled_static_decoding_matches_eager(tiny_model_factory, tiny_inputs)
     assert compiled.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("search", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=5)], ids=["greedy", "beams", "sample"])
+def test_default_cache_matches_concatenating_cache(tiny_model_factory, tiny_inputs, search):
+    """`generate`'s default cache (`QwenVLCache`, preallocated) gives the tokens and scores of transformers'
+    concatenating `DynamicCache`, on left-padded rows with images, with beams (cache reordering) and sampling."""
+    from transformers import DynamicCache
+
+    from modeling_qwen_vl.modeling_qwen_vl import QwenVLCache
+
+    model = tiny_model_factory(seq_length=64).eval()  # short trained context: dynamic NTK and log-n active
+    batch = two_prompts(tiny_inputs, model.config)
+    common = dict(max_new_tokens=8, return_dict_in_generate=True, output_scores=True, **{**GREEDY, **search})
+    torch.manual_seed(0)
+    default = model.generate(**batch, **common)
+    torch.manual_seed(0)
+    concatenating = model.generate(**batch, cache=DynamicCache(config=model.config), **common)
+    assert isinstance(default.cache, QwenVLCache) and isinstance(default.cache, DynamicCache)
+    assert default.sequences.tolist() == concatenating.sequences.tolist()
+    torch.testing.assert_close(torch.stack(default.scores), torch.stack(concatenating.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_default_cache_writes_in_place_and_grows(tiny_model_factory):
+    """Decoding steps write into the buffer the prefill allocated (no per-step copy of the cache); past its room the
+    cache grows and keeps every earlier position, and a returned cache can be continued by a later call."""
+    from modeling_qwen_vl.modeling_qwen_vl import QwenVLCache
+
+    model = tiny_model_factory().eval()
+    input_ids = torch.randint(3, 100, (2, 10))
+    cache = QwenVLCache(model.config, capacity=12)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, cache=cache).logits
+        buffer = cache.layers[0].keys.data_ptr()
+        steps = []
+        for i in range(6):  # positions 10..15: two fit in the room, then the cache grows
+            out = model(input_ids=input_ids[:, i : i + 1], cache=cache)
+            steps.append(out.logits[:, -1])
+            if i < 2:
+                assert cache.layers[0].keys.data_ptr() == buffer
+        assert cache.get_seq_length() == 16
+        full = model(input_ids=torch.cat([input_ids, input_ids[:, :6]], 1), use_cache=False).logits
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 10:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, full[:, :10], rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_matches_the_official_formula():
+    """The one-pass rotary equals the official `x * cos + rotate_half(x) * sin` on the repeated tables, bit for bit,
+    with a partial rotary dimension too."""
+    from modeling_qwen_vl.modeling_qwen_vl import apply_rotary_pos_emb
+
+    def official(x, cos, sin):  # x [batch, heads, len, head_dim], tables [batch, len, rot_dim]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        return torch.cat((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin, x_pass), dim=-1)
+
+    generator = torch.Generator().manual_seed(0)
+    for head_dim, rot_dim in ((32, 32), (32, 16)):
+        x = torch.randn(2, 3, 5, head_dim, generator=generator)  # [batch, heads, len, head_dim]
+        freqs = torch.randn(2, 5, rot_dim // 2, generator=generator) * 10
+        table = torch.cat((freqs, freqs), dim=-1)
+        ours = apply_rotary_pos_emb(x.transpose(1, 2), freqs.cos(), freqs.sin()).transpose(1, 2)
+        assert torch.equal(ours, official(x, table.cos(), table.sin()))
+
+
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
 def test_device_map_offload_generates_same_tokens(tiny_model_factory, tiny_inputs, tmp_path, tie_word_embeddings):
     """`device_map="auto"` with too little memory offloads blocks (vision tower included) to disk: no-split blocks stay
