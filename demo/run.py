@@ -86,10 +86,10 @@ FULL = DemoSize(
           "weight_decay": 0.05},
     lm={"max_steps": 200, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 20},
     stages={
-        "pretrain": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 10},
+        "pretrain": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 5e-4, "warmup_steps": 10},
         "multitask": {"max_steps": 600, "per_device_train_batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 30,
                       "max_length": 512},
-        "sft": {"max_steps": 300, "per_device_train_batch_size": 16, "learning_rate": 5e-4, "warmup_steps": 20},
+        "sft": {"max_steps": 400, "per_device_train_batch_size": 16, "learning_rate": 5e-4, "warmup_steps": 20},
     },
 )
 FAST = DemoSize(
@@ -102,8 +102,8 @@ FAST = DemoSize(
         "intermediate_size": 256,
         "visual": {"width": 64, "layers": 1, "heads": 2, "mlp_ratio": 2.0, "patch_size": 14, "n_queries": 4},
     },
-    clip={"max_steps": 30, "per_device_train_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 3},
-    lm={"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 3},
+    clip={"max_steps": 20, "per_device_train_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 2},
+    lm={"max_steps": 20, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2},
     stages={
         "pretrain": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0},
         "multitask": {"max_steps": 60, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 5,
@@ -168,16 +168,19 @@ def corpus(files: dict[str, Path]) -> list[str]:
     return texts
 
 
-def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, timer) -> Path:
+def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, timer) -> tuple[Path, dict]:
     """Stage 0: the OpenCLIP model (registered config, `stage0.train_clip`) and the language model
-    (`stage0.pretrain_lm`), joined by `qwen-vl convert openclip` into the stage-1 checkpoint with its processor."""
+    (`stage0.pretrain_lm`), joined by `qwen-vl convert openclip` into the stage-1 checkpoint with its processor.
+    Returns the checkpoint and the ViT's shapes-head metrics on freshly drawn images."""
     visual = size.model["visual"]
     with timer("stage0_vision"):
         clip_config = stage0.register_clip_config(out / "configs", "shapes-clip", size.image_size, visual, 48)
-        weights = stage0.train_clip(
+        probe = stage0.draw_batch(random.Random(f"{seed}-probe"), size.heldout_images, size.image_size)
+        weights, probe_metrics = stage0.train_clip(
             clip_config.stem, files["clip"], train, out / "stages" / "stage0_vision",
-            {**size.common, **size.clip}, size.shapes_weight, seed,
+            {**size.common, **size.clip}, size.shapes_weight, seed, heldout=probe,
         )
+        print(f"Stage-0 ViT on fresh images (shapes head): {probe_metrics}", flush=True)
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     lm_config = QwenVLConfig(
         **{k: v for k, v in size.model.items() if k != "visual"}, vocab_size=vocab_size,
@@ -203,7 +206,7 @@ def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, 
     ).save_pretrained(init)
     image_processor = QwenVLImageProcessor(size={"height": size.image_size, "width": size.image_size})
     QwenVLProcessor(image_processor, tokenizer).save_pretrained(init)
-    return init
+    return init, probe_metrics
 
 
 def train_stage(stage: str, model: Path, data: Path, out: Path, size: DemoSize, seed: int) -> Path:
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     with timer("tokenizer"):
         tokenizer = build_tokenizer(corpus(files), out / "tokenizer", size.num_merges, size.model["visual"]["n_queries"])
         print(f"BPE vocabulary: {len(tokenizer.mergeable_ranks)} ranks (256 bytes + merges) in {out / 'tokenizer'}")
-    model = build_stage0(out, files, train, tokenizer, size, args.seed, timer)
+    model, stage0_metrics = build_stage0(out, files, train, tokenizer, size, args.seed, timer)
     stage_dirs = {}
     for stage in STAGES:
         with timer(stage):
@@ -280,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_images": len(heldout),
         "grounding_queries": task_metrics["grounding"]["examples"],
         "eval": task_metrics,
+        "stage0_vision_shapes_head": stage0_metrics,
     }
     metrics["stage_losses"] = {stage: {"first": h[0][1], "last": h[-1][1]} for stage, h in histories.items()}
     metrics["timings_s"] = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}

@@ -221,10 +221,13 @@ def write_clip_csv(path: Path, scenes: list[world.Scene]) -> Path:
     return path
 
 
-def train_clip(model_name: str, csv_path: Path, scenes, output_dir: Path, settings: dict, shapes_weight: float, seed: int) -> Path:
+def train_clip(
+    model_name: str, csv_path: Path, scenes, output_dir: Path, settings: dict, shapes_weight: float, seed: int,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Path, dict]:
     """Train the registered OpenCLIP model `model_name` on the CSV with `Trainer` (`settings` are its
     TrainingArguments); saves `open_clip_model.safetensors` (OpenCLIP names) and `trainer_state.json`. Returns the
-    weights file."""
+    weights file and the `shapes_metrics` of the trained head on `heldout` (`draw_batch` output; {} if None)."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -244,7 +247,13 @@ def train_clip(model_name: str, csv_path: Path, scenes, output_dir: Path, settin
     trainer.save_state()
     weights = Path(output_dir) / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, weights)
-    return weights
+    metrics = {}
+    if heldout is not None:
+        model.eval()
+        with torch.no_grad():
+            tokens = clip.visual.forward_intermediates(heldout[0], indices=1, output_fmt="NLC", intermediates_only=True)
+            metrics = shapes_metrics(model.head(tokens["image_intermediates"][-1]), heldout[1])
+    return weights, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------------
