@@ -29,13 +29,14 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--fixed", type=int, default=0, help="train on a fixed set of N images (0: fresh images)")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a crowded machine)")
     parser.add_argument("--sizes", help="shape sides as fractions: small_lo,small_hi,large_lo,large_hi")
     args = parser.parse_args()
     if args.sizes:
         lo, hi, large_lo, large_hi = map(float, args.sizes.split(","))
         world.SIZES.update(small=(lo, hi), large=(large_lo, large_hi))
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     S = args.image_size
     tower = stage0.VisionTower(S, args.patch, args.width, args.layers)
     rng = random.Random(0)
