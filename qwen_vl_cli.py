@@ -11,6 +11,7 @@ import sys
 SUBCOMMANDS: dict = {
     "push": "hub_upload.push:main",
     "train": "recipes.train:main",
+    "eval": "recipes.evaluate:main",
     "demo": "demo.run:main",
     "serve": "serving.openai_server:main",
     "web": "serving.web_demo:main",

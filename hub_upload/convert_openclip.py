@@ -331,12 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--image-size", type=int, default=224, help="ViT input resolution (stage 1: 224)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: the LM's)")
+    parser.add_argument("--n-queries", type=int, help="adapter queries per image (default: Qwen-VL's 256)")
+    parser.add_argument("--image-start-id", type=int, help="id of <img> in the tokenizer (default: Qwen-VL's 151857)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         visual = _open_clip_visual(args.open_clip_model, args.pretrained)
+        overrides = {"n_queries": args.n_queries, "image_start_id": args.image_start_id}
         build_stage1_checkpoint(
-            visual, args.qwen_lm, None, args.out, args.image_size, dtype=args.dtype and getattr(torch, args.dtype)
+            visual, args.qwen_lm, None, args.out, args.image_size, dtype=args.dtype and getattr(torch, args.dtype),
+            visual={key: value for key, value in overrides.items() if value is not None},
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.exit(1, f"qwen-vl convert openclip: error: {error}\n")

@@ -4,8 +4,9 @@ import base64
 import json
 
 import pytest
+import torch
 
-from demo.run import STAGES, main
+from demo.run import STAGE0, STAGES, main
 from demo.world import load_scenes
 
 
@@ -17,22 +18,26 @@ def demo_out(tmp_path_factory):
 
 
 def test_artifacts(demo_out):
-    for name in ("metrics.json", "loss_curves.png", "grounding.png", "predictions.jsonl", "checkpoint/config.json",
+    for name in ("metrics.json", "loss_curves.png", "grounding.png", "checkpoint/config.json",
                  "checkpoint/model.safetensors", "checkpoint/qwen.tiktoken", "checkpoint/processor_config.json",
-                 "checkpoint/README.md"):
+                 "checkpoint/README.md", "configs/shapes-clip.json", "data/clip_train.csv",
+                 "stages/stage0_vision/open_clip_model.safetensors", "stages/stage0_lm/model.safetensors",
+                 *(f"eval/{task}_{kind}" for task in ("grounding", "counting", "caption")
+                   for kind in ("metrics.json", "predictions.jsonl"))):
         assert (demo_out / name).is_file(), name
     for stage in STAGES:
         assert (demo_out / "configs" / f"{stage}.yaml").is_file()
     metrics = json.loads((demo_out / "metrics.json").read_text())
     for name in ("grounding_accuracy", "counting_accuracy", "caption_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0
-    assert set(metrics["timings_s"]) >= {"data", "tokenizer", *STAGES, "evaluate", "total"}
+    assert set(metrics["timings_s"]) >= {"data", "tokenizer", *STAGE0, *STAGES, "evaluate", "total"}
+    assert metrics["grounding_queries"] == sum(len(s.shapes) for s in load_scenes(demo_out / "data" / "heldout.json"))
     card = (demo_out / "checkpoint" / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and f"| counting | {metrics['counting_accuracy']:.3f} |" in card
 
 
 def test_loss_fell_in_every_stage(demo_out):
-    for stage in STAGES:
+    for stage in (*STAGE0, *STAGES):
         history = json.loads((demo_out / "stages" / stage / "trainer_state.json").read_text())["log_history"]
         losses = [entry["loss"] for entry in history if "loss" in entry]
         assert len(losses) >= 3, stage
@@ -64,6 +69,27 @@ def test_cli_lists_demo():
     import qwen_vl_cli
 
     assert qwen_vl_cli.SUBCOMMANDS["demo"] == "demo.run:main"
+    assert qwen_vl_cli.SUBCOMMANDS["eval"] == "recipes.evaluate:main"
+
+
+def test_stage0_checkpoints_are_what_users_convert(demo_out):
+    """The LM checkpoint has no vision weights (Qwen-7B layout) and the stage-1 init carries the OpenCLIP tower."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from hub_upload.convert_openclip import vision_state_dict_from_open_clip
+
+    lm = load_file(demo_out / "stages" / "stage0_lm" / "model.safetensors")
+    assert "transformer.wte.weight" in lm and not any(k.startswith("transformer.visual.") for k in lm)
+    clip = load_file(demo_out / "stages" / "stage0_vision" / "open_clip_model.safetensors")
+    config = json.loads((demo_out / "configs" / "shapes-clip.json").read_text())
+    visual = open_clip.model._build_vision_tower(config["embed_dim"], config["vision_cfg"])
+    visual.load_state_dict({k.removeprefix("visual."): v for k, v in clip.items() if k.startswith("visual.")})
+    width = config["vision_cfg"]["width"]
+    expected = vision_state_dict_from_open_clip(visual, width, width // config["vision_cfg"]["head_width"])
+    init = load_file(demo_out / "stages" / "init" / "model.safetensors")
+    for name in ("transformer.visual.conv1.weight", "transformer.visual.transformer.resblocks.0.attn.in_proj.weight"):
+        assert torch.equal(init[name], expected[name]), name
 
 
 def test_checkpoint_answers_a_grounding_prompt_with_a_box(demo_out):
