@@ -186,7 +186,7 @@ def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, 
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     lm_config = QwenVLConfig(
         **{k: v for k, v in size.model.items() if k != "visual"}, vocab_size=vocab_size,
-        visual={"width": 32, "layers": 1, "heads": 1, "patch_size": 14, "n_queries": 4, "image_size": 28,
+        visual={"width": 32, "layers": 1, "heads": 1, "mlp_ratio": 2.0, "patch_size": 14, "n_queries": 4, "image_size": 28,
                 "output_dim": size.model["hidden_size"], "image_start_id": tokenizer.img_start_id},
     )
     with timer("stage0_lm"):
