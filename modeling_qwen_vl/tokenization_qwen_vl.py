@@ -762,7 +762,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
 
 def _pieces(text: str) -> list[str]:
     """tiktoken's pre-tokenization of `text` (the pieces `PAT_STR` matches), computed without a backtracking limit."""
-    import regex  # a dependency of transformers; needed only for inputs tiktoken's regex engine gives up on
+    import regex  # tiktoken's own dependency; needed only for inputs tiktoken's regex engine gives up on
 
     global _PIECE_PATTERN
     if _PIECE_PATTERN is None:
