@@ -204,7 +204,7 @@ def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, 
         raise RuntimeError("qwen-vl convert openclip failed")
     GenerationConfig(
         chat_format="chatml", max_window_size=6144, max_new_tokens=64, do_sample=False,
-        eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id], pad_token_id=tokenizer.eod_id,
+        eos_token_id=tokenizer.chat_stop_ids, pad_token_id=tokenizer.eod_id,
     ).save_pretrained(init)
     image_processor = QwenVLImageProcessor(size={"height": size.image_size, "width": size.image_size})
     QwenVLProcessor(image_processor, tokenizer).save_pretrained(init)

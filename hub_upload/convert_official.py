@@ -84,7 +84,7 @@ def _generation_config(source: Path, tokenizer: QwenVLTokenizer, is_chat: bool) 
     else:
         config = GenerationConfig(max_new_tokens=512)
     config.pad_token_id = tokenizer.eod_id
-    config.eos_token_id = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id] if is_chat else tokenizer.eod_id
+    config.eos_token_id = tokenizer.chat_stop_ids if is_chat else tokenizer.eod_id
     return config
 
 

@@ -1134,7 +1134,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
         ).to(self.device)
 
-        stop_ids = [tok.im_end_id, tok.im_start_id, tok.eod_id]
+        stop_ids = tok.chat_stop_ids
         stop_strings = []
         for words in stop_words_ids or []:
             if len(words) == 1:

@@ -272,6 +272,11 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         )
 
     @property
+    def chat_stop_ids(self) -> list[int]:
+        """Ids that end a ChatML reply, as the official chat stops: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>`."""
+        return [self.im_end_id, self.im_start_id, self.eod_id]
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids: BPE ranks plus special tokens."""
         return self.encoding.n_vocab

@@ -77,7 +77,7 @@ def generate_replies(
     if len(images) != len(prompts):
         raise ValueError(f"images and prompts must pair up, got {len(images)} images and {len(prompts)} prompts.")
     tokenizer = processor.tokenizer
-    stops = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    stops = tokenizer.chat_stop_ids
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     model.eval()
     replies = []

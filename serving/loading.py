@@ -41,5 +41,5 @@ def reply_end_ids(model, tokenizer) -> list[int]:
     its replies at the turn boundary."""
     configured = model.generation_config.eos_token_id
     configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
-    ids = configured + [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    ids = configured + tokenizer.chat_stop_ids
     return list(dict.fromkeys(ids))
