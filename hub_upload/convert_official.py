@@ -80,7 +80,9 @@ def _generation_config(source: Path, tokenizer: QwenVLTokenizer, is_chat: bool) 
     if (source / "generation_config.json").exists():
         config = GenerationConfig.from_pretrained(source)
     elif is_chat:
-        config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=512, do_sample=True, top_p=0.5, top_k=0)
+        config = GenerationConfig(
+            chat_format="chatml", max_window_size=6144, max_new_tokens=512, do_sample=True, top_p=0.5, top_k=0
+        )
     else:
         config = GenerationConfig(max_new_tokens=512)
     config.pad_token_id = tokenizer.eod_id
@@ -88,7 +90,9 @@ def _generation_config(source: Path, tokenizer: QwenVLTokenizer, is_chat: bool) 
     return config
 
 
-def convert_official(source: str | Path, out: str | Path, *, repo_id: str | None = None, chat: bool | None = None) -> Path:
+def convert_official(
+    source: str | Path, out: str | Path, *, repo_id: str | None = None, chat: bool | None = None
+) -> Path:
     """Turn the official checkpoint directory `source` into a Hub-ready directory `out` and return `out`.
 
     `chat` marks a chat model (generation defaults, model card); by default it is read from the source's generation

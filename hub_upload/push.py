@@ -196,7 +196,9 @@ def _check_remote_code(root: Path, problems: list[str]) -> None:
             parent = PurePosixPath(module_file).parent
             module = ".".join([*(parent.parts if parent.parts != (".",) else ()), match[1] or match[2]])
             if _module_path(root, module) is None:
-                problems.append(f"{module_file} imports .{match[1] or match[2]}, which is not a module of this directory.")
+                problems.append(
+                    f"{module_file} imports .{match[1] or match[2]}, which is not a module of this directory."
+                )
                 continue
             imported = module.replace(".", "/") + ".py"
             if imported not in needed:
@@ -216,9 +218,7 @@ def _check_safetensors_file(path: Path, name: str, problems: list[str]) -> None:
         entries = json.loads(header)
         end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
-        problems.append(
-            f"{name} is not a valid safetensors file (unreadable header): re-save it with save_pretrained."
-        )
+        problems.append(f"{name} is not a valid safetensors file (unreadable header): re-save it with save_pretrained.")
         return
     if 8 + len(header) + end > size:
         problems.append(f"{name} is truncated ({size} bytes, header describes {8 + len(header) + end}): re-save it.")

@@ -12,7 +12,6 @@ import PIL.ImageFile
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
-
 # Limits of `fetch_remote_image` (used only when remote images are explicitly allowed).
 REMOTE_IMAGE_TIMEOUT = 10.0
 REMOTE_IMAGE_MAX_BYTES = 20 * 1024 * 1024
@@ -189,14 +188,13 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
     from transformers' default: alpha (RGBA, LA, PA, P with transparency) is dropped like the official
     `convert("RGB")` instead of being composited onto white.
 
-    Accepts PIL images of any mode (16-bit and float modes are converted as `convert("RGB")` does, i.e. values
-    above 255 saturate, like the official pipeline; animations give their current frame), uint8
-    `np.ndarray`/`torch.Tensor` images (HWC or CHW; 1, 3 or 4 channels; float images with values in [0, 1] or
-    [0, 255] are first converted to the uint8 image they stand for, so they are never rescaled twice), local file paths (never URLs: the processor
-    fetches those when allowed) and (nested) lists of them. An image that cannot be used (corrupt or truncated file,
-    EPS, whose decoding runs Ghostscript, more pixels than `PIL.Image.MAX_IMAGE_PIXELS` still to decode, an empty
-    array, an array whose channel axis is ambiguous without `input_data_format`, ...) raises a `ValueError` naming
-    its index or path.
+    Accepts PIL images of any mode (16-bit and float modes are converted as `convert("RGB")` does, i.e. values above 255
+    saturate, like the official pipeline; animations give their current frame), uint8 `np.ndarray`/`torch.Tensor` images
+    (HWC or CHW; 1, 3 or 4 channels; float images with values in [0, 1] or [0, 255] are first converted to the uint8
+    image they stand for, so they are never rescaled twice), local file paths (never URLs: the processor fetches those
+    when allowed) and (nested) lists of them. An image that cannot be used (corrupt or truncated file, EPS, whose
+    decoding runs Ghostscript, more pixels than `PIL.Image.MAX_IMAGE_PIXELS` still to decode, an empty array, an array
+    whose channel axis is ambiguous without `input_data_format`, ...) raises a `ValueError` naming its index or path.
 
     ```python
     >>> processor = QwenVLImageProcessor()  # 448px; QwenVLImageProcessor(size={"height": 224, "width": 224})

@@ -67,7 +67,9 @@ def resize_grid_embedding(table: torch.Tensor, num_positions: int) -> torch.Tens
 def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos table [grid_size**2, dim]: first half encodes the column, second half the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega
@@ -315,7 +317,9 @@ def dynamic_ntk_alpha(seq_len: int, trained_len: int) -> float:
 def logn_attention_scale(position_ids: torch.Tensor, trained_len: int) -> torch.Tensor:
     """Per-query factor log(p+1)/log(trained_len) beyond the trained context, else 1; [batch, 1, len, 1]."""
     positions = position_ids.float() + 1
-    scale = torch.where(positions > trained_len, torch.log(positions) / math.log(trained_len), torch.ones_like(positions))
+    scale = torch.where(
+        positions > trained_len, torch.log(positions) / math.log(trained_len), torch.ones_like(positions)
+    )
     return scale[:, None, :, None]
 
 
@@ -338,7 +342,9 @@ class QwenVLCacheLayer(DynamicLayer):
     def _holds(self, tensor: torch.Tensor | None, buffer: torch.Tensor | None) -> bool:
         return tensor is not None and buffer is not None and tensor.data_ptr() == buffer.data_ptr()
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             return super().update(key_states, value_states)  # in-place writes would break autograd: plain concatenation
         if not self.is_initialized:
@@ -412,7 +418,11 @@ class QwenVLAttention(nn.Module):
         qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query_key = apply_rotary_pos_emb(qkv[:, :, :2], *position_embeddings)  # q and k in one pass
         # [batch, heads, len, head_dim] views
-        query, key, value = query_key[:, :, 0].transpose(1, 2), query_key[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        query, key, value = (
+            query_key[:, :, 0].transpose(1, 2),
+            query_key[:, :, 1].transpose(1, 2),
+            qkv[:, :, 2].transpose(1, 2),
+        )
         if logn_scale is not None:
             query = query * logn_scale.to(query.dtype)
         if cache is not None:
@@ -625,12 +635,14 @@ def _validate_cache(config: QwenVLConfig, cache, batch: int) -> Cache | None:
         )
     heads, head_dim = config.num_attention_heads, config.kv_channels
     layers = getattr(cache, "layers", None) or []
-    if layers and len(layers) != config.num_hidden_layers and (
-        getattr(cache, "layer_class_to_replicate", None) is None or cache.get_seq_length() != 0
+    if (
+        layers
+        and len(layers) != config.num_hidden_layers
+        and (getattr(cache, "layer_class_to_replicate", None) is None or cache.get_seq_length() != 0)
     ):
         raise ValueError(
-            f"The cache holds {len(layers)} layers but this model has {config.num_hidden_layers}: it belongs to another "
-            "model; start a new one (omit `cache`) or pass the cache this model returned."
+            f"The cache holds {len(layers)} layers but this model has {config.num_hidden_layers}: it belongs to "
+            "another model; start a new one (omit `cache`) or pass the cache this model returned."
         )
     keys = getattr(layers[0], "keys", None) if layers and getattr(layers[0], "is_initialized", False) else None
     if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.numel():
@@ -763,7 +775,9 @@ class QwenVLPreTrainedModel(PreTrainedModel):
             init.normal_(module.proj, std=module.proj.shape[0] ** -0.5)
         elif isinstance(module, QwenVLVisionAdapter):
             init.trunc_normal_(module.query, std=0.02)
-            init.copy_(module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0]))))
+            init.copy_(
+                module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0])))
+            )
         elif isinstance(module, QwenVLRotaryEmbedding):
             init.copy_(module.inv_freq, module.inverse_frequencies(1.0))
 
@@ -823,7 +837,9 @@ class QwenVLModel(QwenVLPreTrainedModel):
         num_ends = int((input_ids == self.config.image_end_id).sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if num_spans != num_ends:
-            raise ValueError(f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed.")
+            raise ValueError(
+                f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed."
+            )
         if num_spans != num_images:
             raise self._image_count_error(num_spans, num_images)
         if num_images == 0:
@@ -1114,9 +1130,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             return len(tok(text, add_special_tokens=False)["input_ids"])
 
         # Keep the most recent turns that fit in the window, like the official `make_context`.
-        budget = getattr(generation_config, "max_window_size", 6144) - count(
-            f"<|im_start|>system\n{system}<|im_end|>"
-        )
+        budget = getattr(generation_config, "max_window_size", 6144) - count(f"<|im_start|>system\n{system}<|im_end|>")
         kept: list[tuple[str, str]] = []
         for turn_query, turn_response in reversed(history):
             budget -= count(

@@ -15,7 +15,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 # found in user strings (transformers' `mark_control_tokens`).
 from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
 
-
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
 
 PAT_STR = (
@@ -155,9 +154,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     format works). Special tokens written in text are recognised.
 
     An image span `<img>PATH</img>` always encodes to `image_span_length + 2` ids (258 for the official models):
-    `<img>`, the UTF-8 bytes of PATH used as ids, `<imgpad>` up to `image_span_length` ids, `</img>`. The model
-    replaces the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths
-    longer than the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the network.
+    `<img>`, the UTF-8 bytes of PATH used as ids, `<imgpad>` up to `image_span_length` ids, `</img>`. The model replaces
+    the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths longer than
+    the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the
+    network.
 
     Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding. Batches are
     padded on the left (`padding_side="left"`, saved with the tokenizer), as generation with a decoder-only model needs.
@@ -246,8 +246,14 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self.quad_start_id, self.quad_end_id = (self.special_tokens[t] for t in QUAD_TAGS)
         self.img_start_id, self.img_end_id = (self.special_tokens[t] for t in IMAGE_TAGS)
         self.img_pad_id = self.special_tokens[IMAGE_PAD]
-        self.image_special_tokens = {self.ref_start_id, self.ref_end_id, self.box_start_id, self.box_end_id,
-                                     self.quad_start_id, self.quad_end_id}
+        self.image_special_tokens = {
+            self.ref_start_id,
+            self.ref_end_id,
+            self.box_start_id,
+            self.box_end_id,
+            self.quad_start_id,
+            self.quad_end_id,
+        }
 
         # The special tokens are fixed by the vocabulary: a saved `added_tokens_decoder` may only repeat them.
         for index, token in kwargs.pop("added_tokens_decoder", {}).items():
@@ -314,19 +320,25 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             )
         if sanitize_control_tokens is None:
             sanitize_control_tokens = kwargs.get("tokenize", True)
-        return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+        return super().apply_chat_template(
+            conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs
+        )
 
     def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
         """The tokens that sanitizing keeps as text in messages: ChatML's, not the image and grounding tags."""
         return CONTROL_TOKENS
 
-    def _mark_chat_inputs(self, chat_template, conversations, tools, documents, template_kwargs, tokenize, assistant_mask):
+    def _mark_chat_inputs(
+        self, chat_template, conversations, tools, documents, template_kwargs, tokenize, assistant_mask
+    ):
         """
         transformers' marking of typed control tokens, also with `return_assistant_tokens_mask` (which it refuses
         because a fast tokenizer's offsets would not match the marked text): here the offsets that the mask is built
         from are characters of the marked chat itself (see `_encode_marked_chat`).
         """
-        return super()._mark_chat_inputs(chat_template, conversations, tools, documents, template_kwargs, tokenize, False)
+        return super()._mark_chat_inputs(
+            chat_template, conversations, tools, documents, template_kwargs, tokenize, False
+        )
 
     def _encode_plus(
         self, text, *args, sanitize_control_tokens: bool = False, return_offsets_mapping: bool = False, **kwargs
@@ -350,7 +362,9 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         return_tensors = kwargs.pop("return_tensors", None)
         encoding = super()._encode_plus(ids, *args, **kwargs)  # ids pass through: truncation applies to them
         kept = len(encoding["input_ids"])
-        encoding["offset_mapping"] = offsets[len(offsets) - kept :] if self.truncation_side == "left" else offsets[:kept]
+        encoding["offset_mapping"] = (
+            offsets[len(offsets) - kept :] if self.truncation_side == "left" else offsets[:kept]
+        )
         return BatchEncoding(dict(encoding), tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
 
     def tokenize(
@@ -399,7 +413,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         starts on a token boundary, where the template's `{% generation %}` span starts.
         """
         ids, offsets = [], []
-        text, origin = "", []  # the text since the template's last control token, and where its characters are in `chat`
+        text, origin = (
+            "",
+            [],
+        )  # the text since the template's last control token, and where its characters are in `chat`
         after_im_start = False
 
         def encode_text():
@@ -566,7 +583,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             if len(starts) != len(ends) or any(e - s != self.image_span_length + 1 for s, e in zip(starts, ends)):
                 raise ValueError(
                     f"Truncation to max_length would cut through an image span ({self.image_span_length + 2} tokens "
-                    "that belong together): raise max_length or shorten the text so that the cut falls outside the image"
+                    "that belong together): raise max_length or shorten the text so that the cut falls outside the "
+                    "image"
                 )
         return ids, pair_ids, overflowing_tokens
 
@@ -677,10 +695,9 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         (N from 1), `{"text": t}` -> t, `{"ref": r, "box": [[x1, y1, x2, y2], ...]}` ->
         `<ref>r</ref><box>(x1,y1),(x2,y2)</box>` per box (`ref` and `box` may each appear alone).
 
-        Raises a `ValueError` naming the element for: a path longer than the image span, markup tags in a path or ref, unclosed or
-        nested tags in a text, a box that is not 4 integers in [0, 1000) with x1 <= x2 and y1 <= y2, and a value
-        starting with a combining mark that NFC would merge into the preceding tag.
-        """
+        Raises a `ValueError` naming the element for: a path longer than the image span, markup tags in a path or ref,
+        unclosed or nested tags in a text, a box that is not 4 integers in [0, 1000) with x1 <= x2 and y1 <= y2, and a
+        value starting with a combining mark that NFC would merge into the preceding tag. """
         if not isinstance(list_format, (list, tuple)):
             raise TypeError(f"list_format must be a list of dicts, got {type(list_format).__name__}")
         text = ""

@@ -102,7 +102,9 @@ def _fill(template: str, record: dict, task: str) -> str:
 def _check_record(record) -> dict:
     """A record must be a mapping (a JSON object); anything else (None, a list, a number) is malformed."""
     if not isinstance(record, dict):
-        raise BadRecordError("malformed", f"a record must be a JSON object, got {type(record).__name__}: {record!r:.80}")
+        raise BadRecordError(
+            "malformed", f"a record must be a JSON object, got {type(record).__name__}: {record!r:.80}"
+        )
     return record
 
 
@@ -199,9 +201,7 @@ def render_dialogue(record: dict, tokenizer) -> Example:
     return Example(text=text, images=images)
 
 
-def load_image(
-    reference, image_root: str | None = None, allow_outside_image_root: bool = False
-) -> PIL.Image.Image:
+def load_image(reference, image_root: str | None = None, allow_outside_image_root: bool = False) -> PIL.Image.Image:
     """Open an image reference (path, `{"bytes", "path"}` dict, PIL image) as RGB, fully decoded.
 
     Relative paths are resolved against `image_root`. With an `image_root`, only files inside it are opened: a path

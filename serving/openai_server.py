@@ -134,7 +134,9 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         root = os.path.realpath(config.image_root)
         resolved = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, resolved]) != root:
-            raise APIError(f"{param}: {path!r} is outside the server's --image-root.", param=param, code="image_outside_root")
+            raise APIError(
+                f"{param}: {path!r} is outside the server's --image-root.", param=param, code="image_outside_root"
+            )
         return load_image(resolved)
     except APIError:
         raise
@@ -166,7 +168,9 @@ def _template_messages(request: ChatCompletionRequest, config: ServerConfig) -> 
     messages, images = [], []
     for m, message in enumerate(request.messages):
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": message.role, "content": _check_text(message.content or "", f"messages[{m}].content")})
+            messages.append(
+                {"role": message.role, "content": _check_text(message.content or "", f"messages[{m}].content")}
+            )
             continue
         items = []
         for i, item in enumerate(message.content):
@@ -211,7 +215,9 @@ class Job:
     sampling: tuple  # (do_sample, temperature, top_p, seed): only jobs with equal keys share a batch
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", row, text) ... ("done", rows) / ("error", message)
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("delta", row, text) ... ("done", rows) / ("error", message)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, *event) -> None:
@@ -348,7 +354,9 @@ class Batcher:
         do_sample, temperature, top_p, seed = batch[0].sampling
         sampling = {"do_sample": do_sample}
         if do_sample:
-            sampling.update({key: value for key, value in (("temperature", temperature), ("top_p", top_p)) if value is not None})
+            sampling.update(
+                {key: value for key, value in (("temperature", temperature), ("top_p", top_p)) if value is not None}
+            )
             if seed is not None:
                 torch.manual_seed(seed)
         else:
@@ -398,7 +406,10 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "qwen-vl"}]}
+        return {
+            "object": "list",
+            "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "qwen-vl"}],
+        }
 
     def prepare(request: ChatCompletionRequest, loop) -> tuple[Job, list]:
         """Validate `request` and build its job (runs in a worker thread: images may be fetched)."""
@@ -410,7 +421,9 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
                 code="model_not_found",
             )
         if request.n > config.max_batch_size:
-            raise APIError(f"n={request.n} is more than this server's --max-batch-size ({config.max_batch_size}).", param="n")
+            raise APIError(
+                f"n={request.n} is more than this server's --max-batch-size ({config.max_batch_size}).", param="n"
+            )
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > 4 or not all(stop):
             raise APIError("stop must be a non-empty string or a list of at most 4 non-empty strings.", param="stop")
@@ -444,8 +457,14 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
         if not images or not parse_grounding(text):
             return None
         return [
-            {"image": index, "width": image.width, "height": image.height,
-             "boxes": [{**box, "box": list(box["box"])} for box in processor.post_process_grounding(text, image.size)]}
+            {
+                "image": index,
+                "width": image.width,
+                "height": image.height,
+                "boxes": [
+                    {**box, "box": list(box["box"])} for box in processor.post_process_grounding(text, image.size)
+                ],
+            }
             for index, image in enumerate(images)
         ]
 
@@ -459,8 +478,11 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
 
         def usage(rows) -> dict:
             completion = sum(len(row.tokens) for row in rows)
-            return {"prompt_tokens": len(job.input_ids), "completion_tokens": completion,
-                    "total_tokens": len(job.input_ids) + completion}
+            return {
+                "prompt_tokens": len(job.input_ids),
+                "completion_tokens": completion,
+                "total_tokens": len(job.input_ids) + completion,
+            }
 
         if request.stream:
             return StreamingResponse(stream(job, base, usage, request), media_type="text/event-stream")
@@ -486,7 +508,9 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
             boxes = grounding(row.text, images)
             if boxes is not None:
                 message["grounding"] = boxes
-            choices.append({"index": row.index, "message": message, "finish_reason": row.finish_reason, "logprobs": None})
+            choices.append(
+                {"index": row.index, "message": message, "finish_reason": row.finish_reason, "logprobs": None}
+            )
         return {**base, "object": "chat.completion", "choices": choices, "usage": usage(rows)}
 
     async def stream(job: Job, base: dict, usage, request: ChatCompletionRequest):

@@ -96,7 +96,10 @@ def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path, name):
     source = fixtures_dir / name
     model, _ = load(source, "eager")
     model.save_pretrained(tmp_path)
-    with safe_open(source / "model.safetensors", "pt") as official, safe_open(tmp_path / "model.safetensors", "pt") as ours:
+    with (
+        safe_open(source / "model.safetensors", "pt") as official,
+        safe_open(tmp_path / "model.safetensors", "pt") as ours,
+    ):
         assert set(official.keys()) == set(ours.keys())
         for name in official.keys():
             assert torch.equal(official.get_tensor(name), ours.get_tensor(name)), name
@@ -104,7 +107,10 @@ def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path, name):
     assert not any(info.values())
     saved = json.loads((tmp_path / "config.json").read_text())
     official_config = json.loads((source / "config.json").read_text())
-    assert saved["model_type"] == "qwen" and saved["visual"]["image_start_id"] == official_config["visual"]["image_start_id"]
+    assert (
+        saved["model_type"] == "qwen"
+        and saved["visual"]["image_start_id"] == official_config["visual"]["image_start_id"]
+    )
 
 
 def test_fresh_adapter_table_equals_official(fixtures_dir):
@@ -136,7 +142,10 @@ def test_batched_generation_matches_single(tiny_model_factory, tiny_inputs):
         keep = batch["attention_mask"][row].bool()
         ids = batch["input_ids"][row][keep][None]
         single = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"][row : row + 1], **common
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=batch["pixel_values"][row : row + 1],
+            **common,
         )
         assert batched[row].tolist() == single[0, ids.shape[1] :].tolist()
 

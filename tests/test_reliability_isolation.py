@@ -14,7 +14,6 @@ from PIL import Image
 import modeling_qwen_vl
 from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
-
 PACKAGE_DIR = Path(modeling_qwen_vl.__file__).parent
 
 

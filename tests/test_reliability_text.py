@@ -11,7 +11,6 @@ from modeling_qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from modeling_qwen_vl.processing_qwen_vl import QwenVLProcessor
 from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, QwenVLTokenizer
 
-
 RED, BLUE = Image.new("RGB", (6, 4), (255, 0, 0)), Image.new("RGB", (4, 6), (0, 0, 255))
 
 

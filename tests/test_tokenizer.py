@@ -75,7 +75,8 @@ def control_token_case(tokenizer_golden) -> dict:
 
 
 def test_typed_control_tokens_stay_text_in_the_processor_and_can_be_trusted(tokenizer, tokenizer_golden):
-    """The official `make_context`: ChatML tokens typed in a message are text; `sanitize_control_tokens=False` opts out."""
+    """The official `make_context`: ChatML tokens typed in a message are text; `sanitize_control_tokens=False` opts
+    out."""
     from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor
 
     case = control_token_case(tokenizer_golden)
