@@ -25,7 +25,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 from modeling_qwen_vl import QwenVLConfig, QwenVLImageProcessor, QwenVLProcessor
-from modeling_qwen_vl.tokenization_qwen_vl import CHAT_TEMPLATE
+from modeling_qwen_vl.text_format import CHAT_TEMPLATE
 from qwen_vl.hub_upload.convert_openclip import main as convert_openclip
 from qwen_vl.recipes.evaluate import evaluate, write_results
 

@@ -71,17 +71,20 @@ def fetch_remote_image(
 
 
 def load_image(
-    source: str,
+    source: str | bytes,
     allow_remote: bool = False,
     timeout: float = REMOTE_IMAGE_TIMEOUT,
     max_bytes: int = REMOTE_IMAGE_MAX_BYTES,
 ) -> PIL.Image.Image:
     """
-    Open a local image file (first frame of an animation) as an RGB image, like the official
-    `Image.open(path).convert("RGB")`. An http(s) URL is fetched only with `allow_remote=True` (see
-    `fetch_remote_image`). Anything that is not a readable, decodable regular file within `PIL.Image.MAX_IMAGE_PIXELS`
-    raises a `ValueError` naming `source`.
+    Open what an image span's path names, a local image file (first frame of an animation), as an RGB image, like the
+    official `Image.open(path).convert("RGB")`; `bytes` are an encoded image file's content. An http(s) URL is fetched
+    only with `allow_remote=True` (see `fetch_remote_image`). Anything that is not a readable, decodable regular file
+    within `PIL.Image.MAX_IMAGE_PIXELS` raises a `ValueError` naming `source`. The processor, the training recipes
+    and the server all open images with this function.
     """
+    if isinstance(source, (bytes, bytearray)):
+        return _open_rgb(io.BytesIO(source), "image bytes")
     if source.startswith(("http://", "https://")):
         if not allow_remote:
             raise ValueError(

@@ -1,6 +1,5 @@
 """Processor of Qwen-VL: the tokenizer's `<img>...</img>` spans paired with the image processor's `pixel_values`."""
 
-import re
 import unicodedata
 
 import numpy as np
@@ -17,11 +16,9 @@ from .image_processing_qwen_vl import (
     decode_image,
     load_image,
 )
-from .tokenization_qwen_vl import IMAGE_TAGS, QwenVLTokenizer, check_markup
+from .text_format import EMPTY_IMAGE_SPAN, IMAGE_SPAN, check_markup
+from .tokenization_qwen_vl import QwenVLTokenizer
 
-# Same pairing as the tokenizer: an opening tag closes at the first `</img>` after it.
-IMAGE_SPAN = re.compile(re.escape(IMAGE_TAGS[0]) + "(.*?)" + re.escape(IMAGE_TAGS[1]), re.DOTALL)
-EMPTY_IMAGE_SPAN = IMAGE_TAGS[0] + IMAGE_TAGS[1]
 # Tokenizer keyword arguments applied when the rows are padded together (after truncation and the length check).
 PADDING_KWARGS = ("padding", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 

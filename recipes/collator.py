@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from .data import BadRecordError, Example, load_image
+from .data import BadRecordError, Example, load_record_image
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,8 @@ class QwenVLDataCollator:
             example = self.render(record, self.tokenizer)
         except (TypeError, AttributeError, KeyError, IndexError) as error:  # a record of a shape the renderer missed
             raise BadRecordError("malformed", f"{type(error).__name__}: {error}") from None
-        images = [
-            load_image(reference, self.image_root, self.allow_images_outside_root) for reference in example.images
-        ]
+        root, outside = self.image_root, self.allow_images_outside_root
+        images = [load_record_image(reference, root, outside) for reference in example.images]
         inputs = {}
         if example.text:  # empty for pure-text examples, whose whole text is the completion
             try:

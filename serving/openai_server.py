@@ -22,10 +22,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -42,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from modeling_qwen_vl import parse_grounding
-from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, decode_image, load_image
+from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, load_image
+from modeling_qwen_vl.text_format import IMAGE_TAG
 
 from .loading import load_model, model_parser, reply_end_ids
 
@@ -111,9 +110,7 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
                 raise ValueError("data: URLs must be base64 encoded (data:image/png;base64,...)")
             if len(payload) * 3 // 4 > REMOTE_IMAGE_MAX_BYTES:
                 raise ValueError(f"it is larger than {REMOTE_IMAGE_MAX_BYTES} bytes (the limit of remote images too)")
-            data = base64.b64decode(payload, validate=True)
-            image = PIL.Image.open(io.BytesIO(data))
-            return decode_image(image, f"image {param}").convert("RGB")
+            return load_image(base64.b64decode(payload, validate=True))
         if url.startswith(("http://", "https://")):
             if not config.allow_remote_images:
                 raise APIError(
@@ -147,12 +144,9 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
 # Image tags in message text are refused: images come only from image_url items (never from a path in the text).
 # ChatML control tokens typed in text stay plain text, as in the official `make_context` (the processor's chat
 # template sanitizes them), so they need no check here.
-_REFUSED_TEXT = re.compile(r"</?img>")
-
-
 def _check_text(text: str, param: str) -> str:
-    """Refuse `<img>`/`</img>` in message text (see `_REFUSED_TEXT`)."""
-    found = _REFUSED_TEXT.search(text)
+    """Refuse `<img>`/`</img>` in message text."""
+    found = IMAGE_TAG.search(text)
     if found:
         raise APIError(
             f"{param}: text may not contain {found.group()!r} (image tags are refused); send images as image_url "

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_ST
+from modeling_qwen_vl.text_format import IMAGE_ST
 from qwen_vl.recipes.collator import IGNORE_INDEX, assistant_labels
 
 

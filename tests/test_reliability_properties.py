@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from modeling_qwen_vl.tokenization_qwen_vl import SPECIAL_TOKENS, QwenVLTokenizer
+from modeling_qwen_vl.text_format import SPECIAL_TOKENS
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 from .conftest import TINY_CONFIG
 

@@ -7,7 +7,8 @@ import jinja2
 import pytest
 from PIL import Image
 
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, SPECIAL_TOKENS, QwenVLTokenizer
+from modeling_qwen_vl.text_format import IMAGE_SPAN_LENGTH, SPECIAL_TOKENS
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 
 @pytest.fixture(scope="module")
