@@ -2,8 +2,8 @@
 
 For every checkpoint (by default the official fixtures A, B and E of `../shared/reference/fixtures`; more directories,
 e.g. the demo's `OUT/checkpoint`, can be named on the command line) it loads the float32 model and the same files
-through each int8 route, then compares - logits on the fixture's golden batch (images included, every position): max
-|diff| / max |float32 logit|, and the
+through each int8 route, then compares
+- logits on the fixture's golden batch (images included, every position): max |diff| / max |float32 logit|, and the
   share of positions whose argmax token is unchanged;
 - greedy generation of the fixture's prompt: the share of new tokens equal to float32's (and to the official golden
   tokens, where the checkpoint has them).

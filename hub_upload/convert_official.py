@@ -19,7 +19,6 @@ from transformers import GenerationConfig
 from modeling_qwen_vl import (
     QwenVLConfig,
     QwenVLForConditionalGeneration,
-    QwenVLImageProcessor,
     QwenVLProcessor,
     QwenVLTokenizer,
 )
@@ -129,8 +128,7 @@ def convert_official(
     package = Path(sys.modules[QwenVLConfig.__module__].__file__).parent
     for module in sorted(package.glob("*_qwen_vl.py")):  # the remote code: model, tokenizer, processors
         shutil.copy2(module, out / module.name)
-    size = config.visual["image_size"]
-    QwenVLProcessor(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer).save_pretrained(out)
+    QwenVLProcessor.for_model(config, tokenizer).save_pretrained(out)
     _generation_config(source, tokenizer, chat).save_pretrained(out)
     _copy_with_progress(files, out)
     repo_id = repo_id or out.name

@@ -75,6 +75,13 @@ class QwenVLProcessor(ProcessorMixin):
             chat_template = tokenizer.chat_template
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    @classmethod
+    def for_model(cls, config, tokenizer: QwenVLTokenizer) -> "QwenVLProcessor":
+        """The processor of a model with `config`: square images of the model's `visual["image_size"]` (the size
+        the model's `pixel_values` must have), text through `tokenizer`."""
+        size = config.vision.image_size
+        return cls(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer)
+
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Tokenize `text` (a str or a list of str) and preprocess the image of each `<img>...</img>` span; returns

@@ -45,7 +45,8 @@ def test_static_cache_matches_dynamic_cache(tiny_model_factory, tiny_inputs):
     dynamic = model.generate(**batch, **common)
     static = model.generate(**batch, cache_implementation="static", disable_compile=True, **common)
     assert type(static.cache).__name__ == "StaticCache"
-    assert static.cache.qwen_ntk_alpha == dynamic.cache.qwen_ntk_alpha > 1
+    scaling = model.transformer.context_scaling
+    assert scaling.prefill_alpha(static.cache) == scaling.prefill_alpha(dynamic.cache) > 1
     assert static.sequences.tolist() == dynamic.sequences.tolist()
 
 
@@ -173,8 +174,12 @@ def load(path, kwargs):
 kwargs = json.loads(sys.argv[2])
 if "dtype" in kwargs:
     kwargs["dtype"] = kwargs["dtype"] if kwargs["dtype"] == "auto" else getattr(torch, kwargs["dtype"])
-load(sys.argv[3], kwargs)  # warm-up on a tiny checkpoint: the library code that loading runs is paged in before the
-baseline gc.collect() baseline = status("VmRSS") state = load(sys.argv[1], kwargs) print(json.dumps({
+# Warm-up on a tiny checkpoint: the library code that loading runs is paged in before the baseline.
+load(sys.argv[3], kwargs)
+gc.collect()
+baseline = status("VmRSS")
+state = load(sys.argv[1], kwargs)
+print(json.dumps({
     "growth": status("VmHWM") - baseline,
     "weights": sum(t.numel() * t.element_size() for t in state.values()),
     "dtypes": sorted({str(t.dtype) for t in state.values()}),
