@@ -45,16 +45,7 @@ CONFIGS = {
         num_attention_heads=12,
         kv_channels=64,
         intermediate_size=4096,
-        visual=dict(
-            image_size=448,
-            patch_size=14,
-            width=384,
-            layers=12,
-            heads=6,
-            mlp_ratio=4.0,
-            output_dim=768,
-            image_start_id=16000,
-        ),
+        visual=dict(image_size=448, patch_size=14, width=384, layers=12, heads=6, mlp_ratio=4.0, output_dim=768, image_start_id=16000),
     ),
     # ~1.2B parameters (LM 2048 x 16 layers, ViT-L-sized tower): the GPU checks of benchmarks/gpu_check.sh
     "1B": dict(
@@ -64,16 +55,7 @@ CONFIGS = {
         num_attention_heads=16,
         kv_channels=128,
         intermediate_size=11008,
-        visual=dict(
-            image_size=448,
-            patch_size=14,
-            width=1024,
-            layers=24,
-            heads=16,
-            mlp_ratio=4.0,
-            output_dim=2048,
-            image_start_id=31000,
-        ),
+        visual=dict(image_size=448, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0, output_dim=2048, image_start_id=31000),
     ),
     # ~100M parameters, few layers
     "small": dict(
@@ -83,16 +65,7 @@ CONFIGS = {
         num_attention_heads=12,
         kv_channels=64,
         intermediate_size=4096,
-        visual=dict(
-            image_size=448,
-            patch_size=14,
-            width=512,
-            layers=6,
-            heads=8,
-            mlp_ratio=4.0,
-            output_dim=768,
-            image_start_id=31000,
-        ),
+        visual=dict(image_size=448, patch_size=14, width=512, layers=6, heads=8, mlp_ratio=4.0, output_dim=768, image_start_id=31000),
     ),
 }
 PROMPT_TEXT_TOKENS = 32
@@ -145,10 +118,7 @@ def prompts(config: QwenVLConfig, text_lengths: list[int], generator: torch.Gene
     """Left-padded rows, each an image span followed by random text; with `images=False` random text fills the span's
     positions instead (same lengths, no vision work)."""
     span = len(image_span(config))
-    rows = [
-        image_span(config) + random_text(n, generator, config) if images else random_text(span + n, generator, config)
-        for n in text_lengths
-    ]
+    rows = [image_span(config) + random_text(n, generator, config) if images else random_text(span + n, generator, config) for n in text_lengths]
     width = max(map(len, rows))
     batch = {
         "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
@@ -237,12 +207,7 @@ def tensor_bytes(tensors) -> int:
 def vision_forward_flops(config: QwenVLConfig) -> float:
     """Forward FLOPs of the vision tower and adapter for one image (matmuls, 2 per multiply-add)."""
     v = config.visual
-    patches, width, dim, queries = (
-        (v["image_size"] // v["patch_size"]) ** 2,
-        v["width"],
-        v["output_dim"],
-        v["n_queries"],
-    )
+    patches, width, dim, queries = (v["image_size"] // v["patch_size"]) ** 2, v["width"], v["output_dim"], v["n_queries"]
     mlp = int(width * v["mlp_ratio"])
     per_layer = 2 * patches * (4 * width * width + 2 * width * mlp) + 4 * patches * patches * width
     vit = 2 * patches * 3 * v["patch_size"] ** 2 * width + v["layers"] * per_layer
@@ -482,15 +447,9 @@ class Benchmark:
         # variant -> (model, attention implementation, extra `generate` arguments made per call)
         variants = {name: (self.model, name, dict) for name in self.implementations}
         variants["sdpa, concat cache"] = (self.model, "sdpa", lambda: dict(cache=DynamicCache(config=self.config)))
-        variants["sdpa+static"] = (
-            self.model,
-            "sdpa",
-            lambda: dict(cache_implementation="static", disable_compile=True),
-        )
+        variants["sdpa+static"] = (self.model, "sdpa", lambda: dict(cache_implementation="static", disable_compile=True))
         if s.compile:
-            compile_config = CompileConfig(
-                fullgraph=True, mode="reduce-overhead" if self.device == "cuda" else "default"
-            )
+            compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if self.device == "cuda" else "default")
             compile_config._compile_all_devices = True  # generate compiles on cuda-like devices only, unless told
             static_compiled = dict(cache_implementation="static", compile_config=compile_config)
             variants["sdpa+static+compile"] = (self.model, "sdpa", lambda: static_compiled)
@@ -541,9 +500,7 @@ class Benchmark:
                     nonlocal mask, token, position
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
                     position = position + 1
-                    out = self.model(
-                        input_ids=token, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1
-                    )
+                    out = self.model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, logits_to_keep=1)
                     token = out.logits.argmax(-1)
 
                 step()  # warm-up
@@ -579,9 +536,7 @@ class Benchmark:
         s, cuda = self.settings, self.device == "cuda"
         model = copy.deepcopy(self.model).train()
         models = {name: model for name in self.implementations}
-        if (
-            s.compile and cuda
-        ):  # compiling the training step on CPU takes minutes and hides allocations from the profiler
+        if s.compile and cuda:  # compiling the training step on CPU takes minutes and hides allocations from the profiler
             models["sdpa+compile"] = compiled_copy(model)
         optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in models.values()}
         peaks: dict[str, tuple[int, int]] = {}  # variant -> (bytes resident before the step, peak above them)
@@ -597,10 +552,7 @@ class Benchmark:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cuda:
-                peaks[name + ("+ckpt" if checkpointing else "")] = (
-                    resident,
-                    torch.cuda.max_memory_allocated() - resident,
-                )
+                peaks[name + ("+ckpt" if checkpointing else "")] = (resident, torch.cuda.max_memory_allocated() - resident)
 
         def calls(batch: dict) -> dict[str, Callable]:
             return {
@@ -626,16 +578,12 @@ class Benchmark:
         for name, t in times.items():
             mfu = flops / t / peak if peak else None
             note = f"{flops / t / 1e12:.3g} model TFLOP/s" + (f", MFU {mfu:.1%}" if mfu else "")
-            self.rows.append(
-                Row(f"training step (AdamW), {shape}", name, s.train_batch / t, "samples/s", True, note, mfu)
-            )
+            self.rows.append(Row(f"training step (AdamW), {shape}", name, s.train_batch / t, "samples/s", True, note, mfu))
         self.memory_rows(shape, peaks if cuda else profile_cpu_memory(batch))
         if s.memory_seq_len and not cuda:  # the multitask stage's packed length, where activations dominate
             big = replace(s, train_batch=1, train_seq_len=s.memory_seq_len, train_images=s.memory_images)
             batch = to_device(training_batch(self.config, big, self.generator), self.device, self.dtype)
-            self.memory_rows(
-                f"batch 1 x {big.train_seq_len} tokens, {big.train_images} images", profile_cpu_memory(batch)
-            )
+            self.memory_rows(f"batch 1 x {big.train_seq_len} tokens, {big.train_images} images", profile_cpu_memory(batch))
         self.notes.append(
             "Training memory: "
             + (
@@ -646,18 +594,14 @@ class Benchmark:
                 "(allocator overhead and non-tensor memory not included)."
             )
         )
-        self.notes.append(
-            f"Model FLOPs per training step: {flops / 1e12:.3g} TFLOP (6 x params x tokens plus attention)."
-        )
+        self.notes.append(f"Model FLOPs per training step: {flops / 1e12:.3g} TFLOP (6 x params x tokens plus attention).")
 
     def memory_rows(self, shape: str, peaks: dict[str, tuple[int, int]]):
         mib = 2**20
         for name, (resident, step_peak) in peaks.items():
             note = f"{resident / mib:.0f} MiB weights+optimizer state + {step_peak / mib:.0f} MiB step peak above them"
             total = (resident + step_peak) / mib
-            self.rows.append(
-                Row(f"training peak memory, {shape}", name, total, "MiB", False, note, step_peak=step_peak / mib)
-            )
+            self.rows.append(Row(f"training peak memory, {shape}", name, total, "MiB", False, note, step_peak=step_peak / mib))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -700,9 +644,7 @@ def table(rows: list[Row]) -> str:
         value = f"{row.value:.1f}" if row.value >= 10 else f"{row.value:.3g}"
         label = row.benchmark if row.benchmark != previous else ""
         bound = f"{row.of_bound:.0%}" if row.of_bound is not None else ""
-        lines.append(
-            f"| {label} | {row.variant} | {value} {row.unit} | {ratio_text(rows, row)} | {bound} | {row.note} |"
-        )
+        lines.append(f"| {label} | {row.variant} | {value} {row.unit} | {ratio_text(rows, row)} | {bound} | {row.note} |")
         previous = row.benchmark
     return "\n".join(lines)
 
@@ -719,17 +661,13 @@ def targets(rows: list[Row], batch8_ceiling: float | None = None) -> str:
         return "met" if ok else "MISSED"
 
     def best(prefix: str, exclude: str = "int8") -> Row | None:
-        candidates = [
-            r for r in rows if r.benchmark.startswith(prefix) and r.of_bound is not None and exclude not in r.variant
-        ]
+        candidates = [r for r in rows if r.benchmark.startswith(prefix) and r.of_bound is not None and exclude not in r.variant]
         return max(candidates, key=lambda r: r.of_bound, default=None)
 
     lines = []
     eager, sdpa = find(rows, "prefill", "eager"), find(rows, "prefill", "sdpa")
     speedup = eager.value / sdpa.value
-    lines.append(
-        f"- sdpa >= 1.3x eager on prefill: {verdict(speedup >= 1.3)} ({speedup:.2f}x: {sdpa.value:.0f} vs {eager.value:.0f} ms)"
-    )
+    lines.append(f"- sdpa >= 1.3x eager on prefill: {verdict(speedup >= 1.3)} ({speedup:.2f}x: {sdpa.value:.0f} vs {eager.value:.0f} ms)")
     for prefix, goal, what in (
         ("decode, batch 1", 0.8, "batch-1 decode >= 80% of the weight+KV streaming bound"),
         ("prefill", 0.7, "prefill >= 70% of the matmul-peak bound"),
@@ -772,16 +710,10 @@ def targets(rows: list[Row], batch8_ceiling: float | None = None) -> str:
     mfus = [r for r in rows if r.mfu is not None]
     if mfus:
         best = max(mfus, key=lambda r: r.mfu)
-        lines.append(
-            f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: {verdict(best.mfu >= MFU_TARGET)} (best {best.mfu:.1%} with {best.variant})"
-        )
+        lines.append(f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: {verdict(best.mfu >= MFU_TARGET)} (best {best.mfu:.1%} with {best.variant})")
     else:
-        lines.append(
-            f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: not measured (needs `--device cuda --dtype bfloat16` on a GPU in the peak table)"
-        )
-    lines.append(
-        "- image features computed once per `generate`: checked by `tests/test_performance.py` (vision-tower call count)"
-    )
+        lines.append(f"- bf16 training step at >= {MFU_TARGET:.0%} MFU: not measured (needs `--device cuda --dtype bfloat16` on a GPU in the peak table)")
+    lines.append("- image features computed once per `generate`: checked by `tests/test_performance.py` (vision-tower call count)")
     return "\n".join(lines)
 
 
@@ -840,9 +772,7 @@ def main():
     parser.add_argument(
         "--compile", action="store_true", help="on CPU, also the compiled decoding variant (off by default: minutes)"
     )
-    parser.add_argument(
-        "--training", action="store_true", help="also the training step and memory benchmarks (minutes)"
-    )
+    parser.add_argument("--training", action="store_true", help="also the training step and memory benchmarks (minutes)")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 variants (CPU float32)")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -858,14 +788,7 @@ def main():
     bench = Benchmark(args, settings)
     bench.prefill_flops, bench.decode_lengths, bench.profile_lines = 0.0, {}, []
     params = sum(p.numel() for p in bench.model.parameters())
-    parts = [
-        bench.measure_limits,
-        bench.prefill,
-        bench.vision,
-        bench.decode,
-        bench.profile_decode,
-        bench.measure_limits,
-    ]
+    parts = [bench.measure_limits, bench.prefill, bench.vision, bench.decode, bench.profile_decode, bench.measure_limits]
     if settings.training:
         parts.append(bench.training)
     for part in parts:

@@ -553,7 +553,11 @@ class QwenVLBlock(GradientCheckpointingLayer):
 
 
 def _broken_safetensors(path: str) -> bool:
-    """Whether `path` is a `.safetensors` file whose header is unreadable or describes more bytes than it holds."""
+    """Whether `path` is a `.safetensors` file whose header is unreadable or describes more bytes than it holds.
+
+    Read by hand (8-byte length, JSON header, data offsets) rather than with `safetensors.safe_open` because this file
+    is remote code, which imports only torch, transformers, tiktoken, PIL and numpy (see the README's security notes);
+    `qwen-vl push` checks the same with `safe_open`."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return False
     size = os.path.getsize(path)

@@ -10,9 +10,9 @@ command-line flags override it (TRL's `TrlParser`); `--config NAME` with NAME a 
 `output_dir` (model, remote code, `qwen.tiktoken`, processor configs; an adapter with `--use_peft`) that the next stage
 takes as `--model`.
 
-Checkpoints are written atomically (`recipes.trainer.RecipeTrainer`): a run killed at any point resumes with
+Checkpoints are written atomically (`qwen_vl.recipes.trainer.RecipeTrainer`): a run killed at any point resumes with
 `--resume_from_checkpoint true` from its last complete checkpoint. A NaN or infinite training loss stops the run with
-`recipes.trainer.NonFiniteLossError` before the optimizer applies it, so no checkpoint holds the bad weights.
+`qwen_vl.recipes.trainer.NonFiniteLossError` before the optimizer applies it, so no checkpoint holds the bad weights.
 """
 
 import logging

@@ -1,6 +1,7 @@
 """Shared test fixtures: the reference material (and how its absence is reported), tiny configs, vocabularies,
 models, checkpoints in the official and the saved layout, training data, and the project installed from its wheel."""
 
+import base64
 import json
 import os
 import shutil
@@ -54,14 +55,25 @@ TINY_MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world"
 TINY_IMAGE_START_ID = 256 + len(TINY_MERGES) + 214  # `<img>` follows the ranks and 214 other special tokens
 
 
+def _write_vocab(path: Path, tokens: list[bytes] | None = None) -> int:
+    """Write `tokens` (default: 256 single bytes in byte order plus `TINY_MERGES`, reachable by BPE) in the
+    qwen.tiktoken format (`base64(token) rank` per line); returns the number of ranks."""
+    tokens = [bytes([b]) for b in range(256)] + TINY_MERGES if tokens is None else tokens
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens)))
+    return len(tokens)
+
+
+@pytest.fixture(scope="session")
+def write_vocab():
+    """`write_vocab(path, tokens=None) -> number of ranks`: a vocabulary file (the tiny one by default)."""
+    return _write_vocab
+
+
 @pytest.fixture(scope="session")
 def tiny_vocab_file(tmp_path_factory):
     """256 single bytes plus a few merges, in the qwen.tiktoken format."""
-    import base64
-
-    tokens = [bytes([b]) for b in range(256)] + TINY_MERGES
     path = tmp_path_factory.mktemp("tiny_vocab") / "qwen.tiktoken"
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens)))
+    _write_vocab(path)
     return path
 
 
@@ -77,22 +89,9 @@ def tiny_processor(tiny_vocab_file):
 
 
 TINY_CONFIG = dict(
-    vocab_size=512,
-    hidden_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    kv_channels=32,
-    intermediate_size=256,
-    visual=dict(
-        image_size=56,
-        patch_size=14,
-        width=32,
-        layers=1,
-        heads=2,
-        mlp_ratio=2.0,
-        output_dim=128,
-        image_start_id=TINY_IMAGE_START_ID,
-    ),
+    vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32, intermediate_size=256,
+    visual=dict(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128,
+                image_start_id=TINY_IMAGE_START_ID),
 )
 
 

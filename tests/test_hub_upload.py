@@ -1,5 +1,5 @@
-"""`hub_upload.push`: directory checks, dry runs, pushes to a local fake Hub, token hygiene, and a full round trip
-(save -> push -> `from_pretrained(repo_id)` in a fresh process -> same logits)."""
+"""`qwen_vl.hub_upload.push`: directory checks, dry runs, pushes to a local fake Hub, token hygiene, and a full round
+trip (save -> push -> `from_pretrained(repo_id)` in a fresh process -> same logits)."""
 
 import json
 import logging

@@ -199,16 +199,8 @@ def checkpoints(tmp_path_factory):
         num_attention_heads=12,
         kv_channels=64,
         intermediate_size=4096,
-        visual=dict(
-            image_size=448,
-            patch_size=14,
-            width=512,
-            layers=4,
-            heads=8,
-            mlp_ratio=4.0,
-            output_dim=768,
-            image_start_id=15000,
-        ),
+        visual=dict(image_size=448, patch_size=14, width=512, layers=4, heads=8, mlp_ratio=4.0, output_dim=768,
+                    image_start_id=15000),
     )
     path, tiny = tmp_path_factory.mktemp("mid_size"), tmp_path_factory.mktemp("tiny")
     QwenVLForConditionalGeneration._from_config(config).save_pretrained(path)
@@ -226,11 +218,7 @@ def load_in_subprocess(checkpoints: tuple[Path, Path], **kwargs) -> dict:
     """Load `checkpoints[0]` in a fresh Python process after a warm-up load of `checkpoints[1]`."""
     result = subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT, str(checkpoints[0]), json.dumps(kwargs), str(checkpoints[1])],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=300,
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,6 +1,5 @@
 """QwenVLTokenizer against the official tokenizer's golden outputs, plus its own contracts."""
 
-import base64
 import json
 
 import jinja2
@@ -14,13 +13,6 @@ from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 @pytest.fixture(scope="module")
 def tokenizer(vocab_file):
     return QwenVLTokenizer(str(vocab_file))
-
-
-def write_tiny_vocab(path):
-    """256 single bytes (in byte order) plus a few merges reachable by BPE, in the qwen.tiktoken format."""
-    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world"]
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens)))
-    return len(tokens)
 
 
 def chat_messages(case):
@@ -154,9 +146,9 @@ def test_vocab_api(tokenizer):
     assert tokenizer.convert_tokens_to_ids(tokens) == tokenizer.encode("Hello world <ref>猫</ref>")
 
 
-def test_vocabulary_is_fixed(tmp_path):
+def test_vocabulary_is_fixed(tmp_path, write_vocab):
     tiny = tmp_path / "qwen.tiktoken"
-    write_tiny_vocab(tiny)
+    write_vocab(tiny)
     tokenizer = QwenVLTokenizer(str(tiny))
     with pytest.raises(ValueError, match="vocabulary is fixed"):
         tokenizer.add_tokens(["<new>"])
@@ -240,9 +232,9 @@ def test_save_load_round_trip(tokenizer, vocab_file, tmp_path):
     )
 
 
-def test_tiny_vocabulary(tmp_path):
+def test_tiny_vocabulary(tmp_path, write_vocab):
     tiny = tmp_path / "qwen.tiktoken"
-    num_ranks = write_tiny_vocab(tiny)
+    num_ranks = write_vocab(tiny)
     tokenizer = QwenVLTokenizer(str(tiny))
     assert len(tokenizer) == num_ranks + len(SPECIAL_TOKENS)
     assert tokenizer.eod_id == num_ranks and tokenizer.img_pad_id == num_ranks + len(SPECIAL_TOKENS) - 1
@@ -259,9 +251,9 @@ def test_tiny_vocabulary(tmp_path):
     assert QwenVLTokenizer.from_pretrained(tmp_path / "saved").encode(text) == ids
 
 
-def test_invalid_vocabulary(tmp_path):
+def test_invalid_vocabulary(tmp_path, write_vocab):
     missing_bytes = tmp_path / "missing.tiktoken"
-    missing_bytes.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(200)))
+    write_vocab(missing_bytes, [bytes([b]) for b in range(200)])
     with pytest.raises(ValueError, match="all 256 single-byte tokens"):
         QwenVLTokenizer(str(missing_bytes))
     malformed = tmp_path / "malformed.tiktoken"

@@ -1,6 +1,6 @@
 """TRL's `SFTTrainer` with `assistant_only_loss=True` on a saved repo, in a fresh process where the package is not
-importable: it trains exactly the assistant tokens (the positions `recipes.collator.assistant_labels` trains), and the
-image slots are never targets, also when TRL's collator copies `input_ids` to `labels`."""
+importable: it trains exactly the assistant tokens (the positions `qwen_vl.recipes.collator.assistant_labels` trains),
+and the image slots are never targets, also when TRL's collator copies `input_ids` to `labels`."""
 
 import json
 import subprocess
