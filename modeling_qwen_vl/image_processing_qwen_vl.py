@@ -26,7 +26,8 @@ def fetch_remote_image(
     Download the body of an http(s) `url`: the only network access of this package, reached only with
     `allow_remote_images=True`. Gives up with a `ValueError` once the download has taken `timeout` seconds (each
     network wait is also bounded by `timeout`; name resolution is not) or exceeds `max_bytes`. Redirects are followed
-    to http(s) URLs only; proxies come from the environment as usual.
+    to http(s) URLs only; proxies come from the environment as usual. Hand-written on `urllib` because transformers'
+    `load_image` fetches with `httpx` without a size limit, and the remote code imports no HTTP client library.
     """
     import http.client
     import urllib.request

@@ -72,7 +72,8 @@ class QwenVLDataCollator:
             causal mask (transformers' `create_causal_mask`) keeps packed examples from attending to each other; the
             first label of each example is -100 so no example predicts the next one's first token. Padding at the
             end of a row is one more such segment, all labels -100. `per_device_train_batch_size` then counts
-            examples, not rows.
+            examples, not rows. Hand-written: TRL's packing (`pack_dataset`) packs token sequences of a dataset,
+            while here each example brings its images, which must stay in row order with their spans.
         image_root (`str`, *optional*): Directory that relative image paths are resolved against; images outside it
             (`../`, absolute paths elsewhere, symlinks leaving it) are skipped as `outside_image_root`.
         allow_images_outside_root (`bool`): Open images outside `image_root` too (trusted data only).
