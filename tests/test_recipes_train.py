@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_config_names_a_shipped_config_unless_it_is_a_file(tmp_path, monkeypatch):
+    from contextlib import ExitStack
+
+    from qwen_vl.recipes.train import _with_shipped_config, shipped_config
+
+    assert shipped_config("tiny/sft").read_text() == (TINY_CONFIGS / "sft.yaml").read_text()
+    assert shipped_config("sft.yaml").read_text() == (ROOT / "recipes" / "configs" / "sft.yaml").read_text()
+    assert shipped_config("nope") is None
+    with ExitStack() as stack:
+        (resolved,) = _with_shipped_config(["--config", "tiny/sft"], stack)[1:]
+        assert Path(resolved).read_text() == (TINY_CONFIGS / "sft.yaml").read_text()
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "sft").write_text("learning_rate: 1.0\n")  # a file of that name wins
+        assert _with_shipped_config(["--config", "sft", "--seed", "1"], stack) == ["--config", "sft", "--seed", "1"]
+        assert _with_shipped_config(["--config", "missing.yaml"], stack) == ["--config", "missing.yaml"]
 
 
 def test_two_processes_match_one_process(train_recipe, workspace):

@@ -26,6 +26,8 @@ def test_the_wheel_installs_two_packages_and_their_data(installed_wheel, tmp_pat
     for path in where["modules"]:
         assert Path(path).resolve().is_relative_to(site_packages), path
     assert where["top_level"] == ["modeling_qwen_vl", "qwen_vl"]
+    usage = run_installed(installed_wheel, "qwen-vl", "--help", cwd=tmp_path).stdout
+    assert usage.startswith("usage: qwen-vl {push,train,eval,demo,serve,web,convert}")
 
 
 def test_the_demo_ran_from_the_wheel_with_its_model_card_template(demo_out):
