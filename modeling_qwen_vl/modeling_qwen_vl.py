@@ -351,7 +351,8 @@ class QwenVLContextScaling:
 
     The alpha of each conversation is remembered per cache object in a weak map (no attribute is added to the cache;
     the entry goes with the cache), which also tells a prefill from a decoding step inside `torch.compile`, where the
-    cache's length is on the device (`has_prefilled`).
+    cache's length is on the device (`has_prefilled`). Hand-written: transformers' rotary "dynamic" scaling recomputes
+    the factor at every step from the current length, which is not the official behaviour.
     """
 
     def __init__(self, config: QwenVLConfig):
@@ -382,8 +383,13 @@ class QwenVLContextScaling:
             ntk_alpha = dynamic_ntk_alpha(position_ids.shape[-1], self.config.seq_length) if use_ntk else 1.0
             if cache is not None:
                 self._prefill_alphas[cache] = ntk_alpha
-        else:
-            ntk_alpha = self._prefill_alphas.get(cache, 1.0) if use_ntk else 1.0
+        elif not use_ntk:
+            ntk_alpha = 1.0
+        elif (ntk_alpha := self._prefill_alphas.get(cache)) is None:
+            # A filled cache no prefill of this model went through: a copy (e.g. `copy.deepcopy` for prompt reuse).
+            # Its current length stands for the prefill's (exactly so when it was copied right after the prefill).
+            ntk_alpha = dynamic_ntk_alpha(int(cache.get_seq_length()), self.config.seq_length)
+            self._prefill_alphas[cache] = ntk_alpha
         use_logn = self.config.use_logn_attn and not training
         return ntk_alpha, logn_attention_scale(position_ids, self.config.seq_length) if use_logn else None
 

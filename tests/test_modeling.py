@@ -241,3 +241,19 @@ def test_modeling_file_leaves_the_processing_stack_to_chat():
 
     top_level = [node for node in ast.parse(inspect.getsource(modeling)).body if isinstance(node, ast.ImportFrom)]
     assert not [node.module for node in top_level if node.module and "processing" in node.module]
+
+
+def test_a_copied_cache_keeps_decoding_with_the_prefill_alpha(tiny_model_factory):
+    """`copy.deepcopy` of a prefilled cache (prompt reuse) decodes like the original: same alpha, same logits."""
+    import copy
+
+    model = tiny_model_factory(seq_length=8, use_logn_attn=False).eval()
+    ids = torch.randint(0, 300, (1, 11))
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :10], use_cache=True)  # 10 positions -> alpha 3
+        copied = copy.deepcopy(prefill.cache)
+        step = model(input_ids=ids[:, 10:], cache=prefill.cache)
+        step_on_copy = model(input_ids=ids[:, 10:], cache=copied)
+    scaling = model.transformer.context_scaling
+    assert scaling.prefill_alpha(prefill.cache) == scaling.prefill_alpha(copied) == 3
+    torch.testing.assert_close(step_on_copy.logits, step.logits, rtol=0, atol=0)
