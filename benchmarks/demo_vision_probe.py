@@ -12,10 +12,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from demo import stage0, world  # noqa: E402
+from qwen_vl.demo import stage0, world  # noqa: E402
 
 
 def main():

@@ -1,8 +1,8 @@
 """How far the opt-in int8 CPU routes move Qwen-VL's outputs from float32, on unmodified official-format checkpoints.
 
 For every checkpoint (by default the official fixtures A, B and E of `../shared/reference/fixtures`; more directories,
-e.g. the demo's `OUT/checkpoint`, can be named on the command line) it loads the float32 model and the same files through
-each int8 route, then compares
+e.g. the demo's `OUT/checkpoint`, can be named on the command line) it loads the float32 model and the same files
+through each int8 route, then compares
 - logits on the fixture's golden batch (images included, every position): max |diff| / max |float32 logit|, and the
   share of positions whose argmax token is unchanged;
 - greedy generation of the fixture's prompt: the share of new tokens equal to float32's (and to the official golden
@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from modeling_qwen_vl import QwenVLForConditionalGeneration  # noqa: E402
 from run import write_results  # noqa: E402
+
+from modeling_qwen_vl import QwenVLForConditionalGeneration  # noqa: E402
 
 REFERENCE = Path(os.environ.get("QWEN_VL_REFERENCE_DIR", ROOT.parent / "shared" / "reference"))
 

@@ -32,6 +32,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from run import machine, write_results  # noqa: E402
+
 from modeling_qwen_vl import (  # noqa: E402
     QwenVLConfig,
     QwenVLForConditionalGeneration,
@@ -39,7 +41,6 @@ from modeling_qwen_vl import (  # noqa: E402
     QwenVLProcessor,
     QwenVLTokenizer,
 )
-from run import machine, write_results  # noqa: E402
 
 CONCURRENCY = (1, 4, 8)
 
@@ -70,7 +71,12 @@ def request_messages(index: int) -> list[dict]:
     image.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     question = "What is in this picture? " + "Describe it. " * (index % 5)
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
 
 
 class Server:
@@ -81,10 +87,23 @@ class Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        command = [sys.executable, str(ROOT / "qwen_vl_cli.py"), "serve", str(repo), "--port", str(self.port),
-                   "--max-batch-size", str(max_batch_size), "--served-model-name", "bench"]
+        command = [
+            sys.executable,
+            "-m",
+            "qwen_vl.cli",
+            "serve",
+            str(repo),
+            "--port",
+            str(self.port),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--served-model-name",
+            "bench",
+        ]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", timeout=600, max_retries=0)
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", timeout=600, max_retries=0
+        )
         deadline = time.monotonic() + 180
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -119,8 +138,13 @@ def run_clients(server: Server, clients: int, per_client: int, max_tokens: int) 
         results = [item for items in pool.map(client, range(clients)) for item in items]
     elapsed = time.perf_counter() - start
     tokens = sum(t for _, t in results)
-    return {"requests/s": len(results) / elapsed, "tokens/s": tokens / elapsed, "tokens": tokens,
-            "latency": statistics.median(latency for latency, _ in results), "elapsed": elapsed}
+    return {
+        "requests/s": len(results) / elapsed,
+        "tokens/s": tokens / elapsed,
+        "tokens": tokens,
+        "latency": statistics.median(latency for latency, _ in results),
+        "elapsed": elapsed,
+    }
 
 
 def generate_ceiling(repo: Path, max_tokens: int, threads: int) -> dict[int, float]:
@@ -174,7 +198,14 @@ def main():
                     for mode, server in servers.items():
                         result = run_clients(server, clients, args.requests_per_client, args.max_tokens)
                         samples[mode, clients].append(result)
-                        print(round_index, mode, clients, {k: round(v, 3) for k, v in result.items()}, file=sys.stderr, flush=True)
+                        print(
+                            round_index,
+                            mode,
+                            clients,
+                            {k: round(v, 3) for k, v in result.items()},
+                            file=sys.stderr,
+                            flush=True,
+                        )
         finally:
             for server in servers.values():
                 server.close()
@@ -185,36 +216,41 @@ def main():
     elapsed = time.perf_counter() - started
 
     sequential = {clients: result for mode, clients, result in rows if mode.startswith("sequential")}
-    table = ["| server | clients | requests/s | completion tokens/s | median latency | vs sequential |", "|---|---|---|---|---|---|"]
+    table = [
+        "| server | clients | requests/s | completion tokens/s | median latency | vs sequential |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode, clients, result in rows:
         gain = result["tokens/s"] / sequential[clients]["tokens/s"]
         table.append(
             f"| {mode} | {clients} | {result['requests/s']:.2f} | {result['tokens/s']:.1f} | {result['latency']:.2f} s | "
             f"{gain:.2f}x |"
         )
-    section = "\n".join([
-        "## serving concurrency (`qwen-vl serve`, cpu, float32)",
-        "",
-        f"- machine: {machine('cpu')}; server on {args.threads} torch thread(s); load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (the machine is shared with other engineers' jobs)",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; run took {elapsed:.0f} s",
-        f"- model: random weights, {params / 1e6:.1f}M parameters (LM hidden 512 x 4 layers, vocab 473; ViT width 256 "
-        "x 2 layers, 224px -> 256 patches -> 64 queries)",
-        f"- each client sends {args.requests_per_client} greedy requests in turn (1 image + a question, max_tokens "
-        f"{args.max_tokens}); random weights may end a reply early, so throughput counts the completion tokens of the "
-        "responses' usage",
-        "",
-        *table,
-        "",
-        f"For reference, plain `generate` without a server on the same model and thread count: {ceiling[1]:.1f} "
-        f"tokens/s for one request, {ceiling[8]:.1f} tokens/s for 8 as one batch ({ceiling[8] / ceiling[1]:.2f}x, "
-        "the most batching can gain here: the vision tower's prefill of 8 images costs 8 times one, only decoding "
-        "gets cheaper per row).",
-        "",
-        f"Medians of {args.rounds} interleaved rounds. `vs sequential` compares completion tokens/s with the "
-        "`--max-batch-size 1` server at the same number of clients. Written by `python benchmarks/serve_concurrency.py`.",
-    ])
+    section = "\n".join(
+        [
+            "## serving concurrency (`qwen-vl serve`, cpu, float32)",
+            "",
+            f"- machine: {machine('cpu')}; server on {args.threads} torch thread(s); load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after (the machine is shared with other engineers' jobs)",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; run took {elapsed:.0f} s",
+            f"- model: random weights, {params / 1e6:.1f}M parameters (LM hidden 512 x 4 layers, vocab 473; ViT width 256 "
+            "x 2 layers, 224px -> 256 patches -> 64 queries)",
+            f"- each client sends {args.requests_per_client} greedy requests in turn (1 image + a question, max_tokens "
+            f"{args.max_tokens}); random weights may end a reply early, so throughput counts the completion tokens of the "
+            "responses' usage",
+            "",
+            *table,
+            "",
+            f"For reference, plain `generate` without a server on the same model and thread count: {ceiling[1]:.1f} "
+            f"tokens/s for one request, {ceiling[8]:.1f} tokens/s for 8 as one batch ({ceiling[8] / ceiling[1]:.2f}x, "
+            "the most batching can gain here: the vision tower's prefill of 8 images costs 8 times one, only decoding "
+            "gets cheaper per row).",
+            "",
+            f"Medians of {args.rounds} interleaved rounds. `vs sequential` compares completion tokens/s with the "
+            "`--max-batch-size 1` server at the same number of clients. Written by `python benchmarks/serve_concurrency.py`.",
+        ]
+    )
     print(section)
     write_results("serve-concurrency", section)
 

@@ -60,7 +60,7 @@ def _true_boxes(image: Image.Image, boxes: list[list[float]], scale: float) -> I
 
 def plot_grounding(predictions: dict[str, list[dict]], root: Path, path: Path, count: int = 16, scale: int = 3):
     """A grid of the first `count` held-out images: true boxes (white/black) and predicted boxes, labelled with their
-    phrase; titled with the hits and the predicted count (`predictions` of `demo.run.evaluate_heldout`)."""
+    phrase; titled with the hits and the predicted count (`predictions` of `qwen_vl.demo.run.evaluate_heldout`)."""
     by_image: dict[str, list[dict]] = {}
     for prediction in predictions["grounding"]:
         by_image.setdefault(prediction["image"], []).append(prediction)

@@ -24,10 +24,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
-from hub_upload.convert_openclip import main as convert_openclip
 from modeling_qwen_vl import QwenVLConfig, QwenVLImageProcessor, QwenVLProcessor
-from modeling_qwen_vl.tokenization_qwen_vl import CHAT_TEMPLATE
-from recipes.evaluate import evaluate, write_results
+from modeling_qwen_vl.text_format import CHAT_TEMPLATE
+from qwen_vl.hub_upload.convert_openclip import main as convert_openclip
+from qwen_vl.recipes.evaluate import evaluate, write_results
 
 from . import stage0, world
 from .evaluate import eval_records, loss_history, plot_grounding, plot_loss_curves
@@ -158,7 +158,7 @@ def build_data(data_dir: Path, size: DemoSize, seed: int) -> tuple[dict[str, Pat
 
 def corpus(files: dict[str, Path]) -> list[str]:
     """Every text the model is trained on (stage records plus the task and chat templates), for the BPE vocabulary."""
-    from recipes.formats import TASK_FORMATS
+    from qwen_vl.recipes.formats import TASK_FORMATS
 
     texts = [CHAT_TEMPLATE, "system\nYou are a helpful assistant.", "user\nPicture 1: ", "assistant\n"]
     texts += [part for formats in TASK_FORMATS.values() for part in formats]
@@ -213,7 +213,7 @@ def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, 
 
 def train_stage(stage: str, model: Path, data: Path, out: Path, size: DemoSize, seed: int) -> Path:
     """Run one recipe stage as `qwen-vl train STAGE --config OUT/configs/STAGE.yaml ...` would."""
-    from recipes.train import main as train_main
+    from qwen_vl.recipes.train import main as train_main
 
     settings = {**size.common, **size.stages[stage], "image_size": size.image_size, "seed": seed}
     config = out / "configs" / f"{stage}.yaml"
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_model_card(checkpoint: Path, metrics: dict):
     """`checkpoint/README.md`: the package's model card with the demo's held-out results as its evaluation."""
-    from hub_upload.model_card import render_model_card
+    from qwen_vl.hub_upload.model_card import render_model_card
 
     rows = "\n".join(
         f"| {name.removesuffix('_accuracy')} | {metrics[name]:.3f} | {target} |" for name, target in TARGETS.items()

@@ -13,7 +13,8 @@ from pathlib import Path
 import regex
 
 from modeling_qwen_vl import QwenVLTokenizer
-from modeling_qwen_vl.tokenization_qwen_vl import PAT_STR, SPECIAL_TOKENS
+from modeling_qwen_vl.text_format import SPECIAL_TOKENS
+from modeling_qwen_vl.tokenization_qwen_vl import PAT_STR
 
 _PRETOKENIZE = regex.compile(PAT_STR)
 _SPECIAL = regex.compile("|".join(regex.escape(token) for token in SPECIAL_TOKENS))

@@ -7,39 +7,35 @@ files, the generation config and a model card.
 
 import argparse
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 
 from modeling_qwen_vl import (
     QwenVLConfig,
     QwenVLForConditionalGeneration,
-    QwenVLImageProcessor,
     QwenVLProcessor,
     QwenVLTokenizer,
 )
 
 from .model_card import render_model_card
+from .shards import SHARD_INDEX, safetensors_files
 
 COPY_CHUNK = 64 * 1024 * 1024
 
 
 def _weight_files(source: Path) -> list[Path]:
     """The safetensors files of `source`, from its index when sharded; refuses pickle-only checkpoints."""
-    index = source / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [name for name in shards if not (source / name).exists()]
-        if missing:
-            raise ValueError(f"{index} names shards that are not in {source}: {', '.join(missing)}")
-        return [index] + [source / name for name in shards]
-    if (source / "model.safetensors").exists():
-        return [source / "model.safetensors"]
+    shards = safetensors_files(source)
+    if missing := [name for name in shards if not (source / name).exists()]:
+        raise ValueError(f"{source / SHARD_INDEX} names shards that are not in {source}: {', '.join(missing)}")
+    if shards:
+        index = [source / SHARD_INDEX] if (source / SHARD_INDEX).is_file() else []
+        return index + [source / name for name in shards]
     raise ValueError(
         f"No safetensors weights in {source} (model.safetensors or model.safetensors.index.json). Convert pickled "
         "*.bin weights to safetensors first; this tool does not load pickles."
@@ -80,7 +76,9 @@ def _generation_config(source: Path, tokenizer: QwenVLTokenizer, is_chat: bool) 
     if (source / "generation_config.json").exists():
         config = GenerationConfig.from_pretrained(source)
     elif is_chat:
-        config = GenerationConfig(chat_format="chatml", max_window_size=6144, max_new_tokens=512, do_sample=True, top_p=0.5, top_k=0)
+        config = GenerationConfig(
+            chat_format="chatml", max_window_size=6144, max_new_tokens=512, do_sample=True, top_p=0.5, top_k=0
+        )
     else:
         config = GenerationConfig(max_new_tokens=512)
     config.pad_token_id = tokenizer.eod_id
@@ -88,7 +86,9 @@ def _generation_config(source: Path, tokenizer: QwenVLTokenizer, is_chat: bool) 
     return config
 
 
-def convert_official(source: str | Path, out: str | Path, *, repo_id: str | None = None, chat: bool | None = None) -> Path:
+def convert_official(
+    source: str | Path, out: str | Path, *, repo_id: str | None = None, chat: bool | None = None
+) -> Path:
     """Turn the official checkpoint directory `source` into a Hub-ready directory `out` and return `out`.
 
     `chat` marks a chat model (generation defaults, model card); by default it is read from the source's generation
@@ -122,11 +122,10 @@ def convert_official(source: str | Path, out: str | Path, *, repo_id: str | None
     out.mkdir(parents=True, exist_ok=True)
     config.architectures = [QwenVLForConditionalGeneration.__name__]
     config.save_pretrained(out)
-    package = Path(sys.modules[QwenVLConfig.__module__].__file__).parent
-    for module in sorted(package.glob("*_qwen_vl.py")):  # the remote code: model, tokenizer, processors
-        shutil.copy2(module, out / module.name)
-    size = config.visual["image_size"]
-    QwenVLProcessor(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer).save_pretrained(out)
+    # The remote code, as `save_pretrained` copies it: the model's module and every module it imports relatively
+    # (configuration, processing, tokenization, image processing, text format, grounding).
+    custom_object_save(QwenVLForConditionalGeneration, out)
+    QwenVLProcessor.for_model(config, tokenizer).save_pretrained(out)
     _generation_config(source, tokenizer, chat).save_pretrained(out)
     _copy_with_progress(files, out)
     repo_id = repo_id or out.name

@@ -1,4 +1,4 @@
-"""Stage-1 initial checkpoint (SPEC §7): the Qwen-7B language model plus an OpenCLIP ViT.
+"""Stage-1 initial checkpoint (the paper's starting point): the Qwen-7B language model plus an OpenCLIP ViT.
 
 `vision_state_dict_from_open_clip` maps an OpenCLIP `VisionTransformer` to the `transformer.visual.*` names of
 Qwen-VL; `build_stage1_checkpoint` puts it together with a Qwen-7B LM checkpoint (official `QWenLMHeadModel` layout,
@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
 from modeling_qwen_vl.modeling_qwen_vl import resize_grid_embedding
+
+from .shards import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +181,8 @@ def load_qwen_lm_state_dict(lm_dir: str | os.PathLike) -> dict[str, torch.Tensor
     from safetensors.torch import load_file
 
     lm_dir = Path(lm_dir)
-    index = lm_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (lm_dir / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
+    shards = safetensors_files(lm_dir)
+    if not shards:
         raise ValueError(
             f"no safetensors weights in {lm_dir} (expected model.safetensors or model.safetensors.index.json); "
             "pickled checkpoints are not read: convert them to safetensors first."
@@ -206,8 +204,8 @@ def build_stage1_checkpoint(
     **config_overrides,
 ) -> Path:
     """
-    Build the stage-1 initial Qwen-VL checkpoint and save it to `out_dir` (SPEC §7: LM from Qwen-7B, ViT from
-    OpenCLIP, 224x224 images, adapter freshly initialised).
+    Build the stage-1 initial Qwen-VL checkpoint and save it to `out_dir` (as the paper's stage 1 starts: LM from
+    Qwen-7B, ViT from OpenCLIP, 224x224 images, adapter freshly initialised).
 
     Args:
         open_clip_model_or_visual: an OpenCLIP CLIP model or its `.visual` ViT.

@@ -1,11 +1,15 @@
-"""Render `MODEL_CARD.md` into a Hub repo's `README.md`, with the Hub metadata block in front."""
+"""Render `MODEL_CARD.md` into a Hub repo's `README.md`, with the Hub metadata block in front.
 
-from pathlib import Path
+The template is package data of `qwen_vl.hub_upload` (in the repository, `hub_upload/MODEL_CARD.md` links to the
+top-level `MODEL_CARD.md`), read through `importlib.resources` so that an installed wheel finds it.
+"""
+
+from importlib.resources import files
 from string import Template
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+TEMPLATE = files(__package__) / "MODEL_CARD.md"
 
 DEFAULT_SUMMARY = (
     "A Qwen-VL vision-language model: images and text in, text with grounded boxes out, in the official Qwen-VL "

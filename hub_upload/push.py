@@ -2,18 +2,20 @@
 
 `verify_repo_dir` refuses directories that would give a broken or dangerous repository (missing remote-code files,
 inconsistent shards, pickled weights, files that look like credentials); `push_to_hub` uploads exactly the verified
-files with `huggingface_hub.HfApi`. The access token is never printed or logged, and is scrubbed from any error raised
-by `huggingface_hub`.
+files in one commit (`huggingface_hub.HfApi.create_commit`). The access token is never printed or logged, and is
+scrubbed from any error raised by `huggingface_hub`.
 """
 
 import argparse
 import fnmatch
-import glob
 import json
 import os
 import re
-import struct
 from pathlib import Path, PurePosixPath
+
+from transformers.dynamic_module_utils import get_relative_imports
+
+from .shards import SHARD_INDEX, read_shard_index
 
 # Directories never uploaded (skipped silently): VCS data, local caches, Python bytecode.
 SKIPPED_DIRS = frozenset({".git", ".cache", "__pycache__"})
@@ -61,9 +63,7 @@ _SCAN_CHUNK, _SCAN_OVERLAP = 1 << 20, 256
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Files whose `auto_map` names remote-code modules that must ship with the repository.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
-SHARD_INDEX = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
-_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.([\w.]+)\s+import|import\s+\.([\w.]+))", re.MULTILINE)
 
 
 def _list_files(root: Path, problems: list[str] | None = None) -> list[str]:
@@ -192,11 +192,16 @@ def _check_remote_code(root: Path, problems: list[str]) -> None:
                 "remove that auto_map entry."
             )
             continue
-        for match in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8", errors="replace")):
+        try:
+            relative_imports = sorted(get_relative_imports(path))  # what transformers will load with this module
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(f"{module_file} cannot be read as UTF-8 Python source ({error}).")
+            continue
+        for name in relative_imports:
             parent = PurePosixPath(module_file).parent
-            module = ".".join([*(parent.parts if parent.parts != (".",) else ()), match[1] or match[2]])
+            module = ".".join([*(parent.parts if parent.parts != (".",) else ()), name])
             if _module_path(root, module) is None:
-                problems.append(f"{module_file} imports .{match[1] or match[2]}, which is not a module of this directory.")
+                problems.append(f"{module_file} imports .{name}, which is not a module of this directory.")
                 continue
             imported = module.replace(".", "/") + ".py"
             if imported not in needed:
@@ -205,23 +210,18 @@ def _check_remote_code(root: Path, problems: list[str]) -> None:
 
 
 def _check_safetensors_file(path: Path, name: str, problems: list[str]) -> None:
-    """A safetensors file starts with an 8-byte header length and a JSON header whose offsets fit in the file; this
-    catches truncated downloads and Git LFS pointer files."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        header = handle.read(header_length) if header_length is not None and header_length <= size - 8 else b""
+    """Open the header with `safetensors.safe_open`, which checks it as loading will (a JSON header whose tensors
+    cover the file exactly): catches truncated downloads and Git LFS pointer files."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        entries = json.loads(header)
-        end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
-        problems.append(
-            f"{name} is not a valid safetensors file (unreadable header): re-save it with save_pretrained."
-        )
-        return
-    if 8 + len(header) + end > size:
-        problems.append(f"{name} is truncated ({size} bytes, header describes {8 + len(header) + end}): re-save it.")
+        with safe_open(path, framework="numpy"):
+            pass
+    except SafetensorError as error:
+        if "not fully covered" in str(error):
+            problems.append(f"{name} is truncated ({path.stat().st_size} bytes; {error}): re-save it.")
+        else:
+            problems.append(f"{name} is not a valid safetensors file ({error}): re-save it with save_pretrained.")
 
 
 def _check_weights(root: Path, files: list[str], allow_pickle: bool, problems: list[str]) -> None:
@@ -240,14 +240,11 @@ def _check_weights(root: Path, files: list[str], allow_pickle: bool, problems: l
         _check_safetensors_file(root / name, name, problems)
 
     if SHARD_INDEX in top_level:
-        index = _read_json(root / SHARD_INDEX, problems)
-        if index is None:
+        try:
+            named = set(read_shard_index(root / SHARD_INDEX))
+        except ValueError as error:
+            problems.append(str(error))
             return
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            problems.append(f"{SHARD_INDEX} has no 'weight_map' object mapping tensor names to shard files.")
-            return
-        named = set(weight_map.values())
         if missing := sorted(named - safetensors_files):
             problems.append(f"{SHARD_INDEX} names shards that are not in the directory: {', '.join(missing)}.")
         if unnamed := sorted(safetensors_files - named):
@@ -365,7 +362,7 @@ def push_to_hub(
             print(f"  {name:<{width}}  {_human_size(sizes[name]):>9}")
         return files
 
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = token or get_token()
     if not token:
@@ -376,12 +373,12 @@ def push_to_hub(
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=root / name) for name in files]
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=root,
+            operations=operations,
             revision=revision,
             commit_message=commit_message or "Upload Qwen-VL checkpoint",
-            allow_patterns=[glob.escape(name) for name in files],
         )
     except Exception as error:
         _scrub(error, token)

@@ -1,5 +1,7 @@
 """Qwen-VL configuration: reads the official `config.json` (`model_type: "qwen"`) unchanged."""
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
@@ -20,6 +22,34 @@ DEFAULT_VISUAL = {
 # The `visual` keys that fix the vision tower's weight shapes: a given `visual` dict must name them all (a missing one
 # would silently take the official default and build another model). `image_start_id` and `n_queries` may default.
 REQUIRED_VISUAL_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim")
+
+
+
+
+@dataclass(frozen=True)
+class QwenVLVisionSizes:
+    """A typed, read-only view of `QwenVLConfig.visual` (see there for the fields), built on each access of
+    `config.vision`, so it always shows the dict (which stays the serialised form, as in the official config.json)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    output_dim: int
+    image_start_id: int
+    n_queries: int
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the ViT MLP: `int(width * mlp_ratio)`, as the official model sizes `c_fc`."""
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def query_grid(self) -> int:
+        """Side of the adapter's square query grid (`n_queries` is a perfect square)."""
+        return int(self.n_queries**0.5)
 
 
 # Written into every saved config.json so a Hub repo of these files loads with `trust_remote_code=True`.
@@ -173,6 +203,11 @@ class QwenVLConfig(PreTrainedConfig):
             )
         if int(self.visual["n_queries"] ** 0.5) ** 2 != self.visual["n_queries"]:
             raise ValueError(f"visual['n_queries'] ({self.visual['n_queries']}) must be a perfect square.")
+
+    @property
+    def vision(self) -> QwenVLVisionSizes:
+        """The vision tower's sizes as a typed read-only view of `visual`."""
+        return QwenVLVisionSizes(**{name: self.visual[name] for name in QwenVLVisionSizes.__dataclass_fields__})
 
     @property
     def image_start_id(self) -> int:

@@ -1,31 +1,19 @@
 """
-Qwen-VL grounding text: `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` and `<quad>` (four points).
+Grounding helpers: write boxes into Qwen-VL text, read them out of it, draw them.
 
-Coordinates are integers in [0, 1000) relative to the image width and height: `(x1,y1)` is the top-left and `(x2,y2)`
-the bottom-right corner. A `<box>` may follow a `<ref>` (several boxes may follow one ref) or stand alone.
+The markup (`<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>`, `<quad>` with four points) and the 0-1000 grid are
+defined in `text_format`, with the rule for coordinates off the grid: `box_to_text` is the one conversion from
+geometric coordinates (pixels or reals on the 0-1000 scale) to grid values.
 """
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from numbers import Real
 
 import PIL.Image
 from PIL import ImageDraw, ImageFont, features
 
-# Coordinates are on a 0-1000 scale: at most 4 digits (longer numbers make the box malformed, so no digit string can
-# make int() slow or exceed Python's digit limit).
-_POINT = r"\(\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\)"
-_BOX_BODY = re.compile(rf"\s*{_POINT}\s*,\s*{_POINT}\s*")
-_QUAD_BODY = re.compile(rf"\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*")
-# Tag contents may not contain another grounding tag, so an unclosed tag cannot swallow the ones after it.
-_TAG = re.compile(r"</?(?:ref|box|quad)>")
-_CONTENT = rf"(?:(?!{_TAG.pattern}).)*?"
-# Tags a phrase may not contain: the grounding tags and the image-span tags.
-_MARKUP = re.compile(r"</?(?:ref|box|quad|img)>|<imgpad>")
-_GROUNDING = re.compile(
-    rf"<ref>(?P<ref>{_CONTENT})</ref>|<(?P<tag>box|quad)>(?P<body>{_CONTENT})</(?P=tag)>", re.DOTALL
-)
+from .text_format import BOX_BODY, BOX_SCALE, GROUNDING, MARKUP_TOKEN, QUAD_BODY, REF_TAGS, point_box_text
 
 # Distinct, saturated colours; boxes cycle through them in order.
 _COLORS = [
@@ -80,7 +68,7 @@ def check_phrase(phrase, name: str = "phrase") -> str:
     """A referring expression: a non-empty str holding no grounding or image tags (which would inject boxes)."""
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError(f"`{name}` must be a non-empty string naming what to locate, e.g. 'the red car'.")
-    if match := _MARKUP.search(phrase):
+    if match := MARKUP_TOKEN.search(phrase):
         raise ValueError(
             f"`{name}` contains the tag {match.group()}: a phrase is plain text (tags in it would be read as the "
             "model's own boxes); remove the tag."
@@ -105,18 +93,18 @@ def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> lis
     def scale(points):
         if size is None:
             return points
-        return tuple((x * size[0] / 1000, y * size[1] / 1000) for x, y in points)
+        return tuple((x * size[0] / BOX_SCALE, y * size[1] / BOX_SCALE) for x, y in points)
 
     results = []
     phrase, last_end = None, 0
-    for match in _GROUNDING.finditer(text):
+    for match in GROUNDING.finditer(text):
         if text[last_end : match.start()].strip():
             phrase = None  # other text separates this tag from the preceding ref
         last_end = match.end()
         if match["ref"] is not None:
             phrase = match["ref"].strip()
             continue
-        body = (_BOX_BODY if match["tag"] == "box" else _QUAD_BODY).fullmatch(match["body"])
+        body = (BOX_BODY if match["tag"] == "box" else QUAD_BODY).fullmatch(match["body"])
         if body is None:
             continue
         values = [int(v) for v in body.groups()]
@@ -132,28 +120,29 @@ def parse_grounding(text: str, image_size: tuple[int, int] | None = None) -> lis
 
 def box_to_text(box: Iterable[float], image_size: tuple[int, int] | None = None) -> str:
     """
-    `(x1, y1, x2, y2)` → `<box>(x1,y1),(x2,y2)</box>`. With `image_size=(width, height)` the box is in pixels of
-    that image and is converted to the model's 0-1000 scale; otherwise it is already on that scale. Coordinates are
-    rounded and clamped to [0, 999], so one unit is 1/1000 of the image size; a box reaching past the image edges
-    is clipped to them, and corners keep their order. A `ValueError` is raised for coordinates that are not finite
-    and for boxes lying entirely outside the image (clamping would silently turn them into a box on its edge).
+    `(x1, y1, x2, y2)` → `<box>(x1,y1),(x2,y2)</box>`: the one conversion of geometric coordinates to the grid (see
+    `text_format`). With `image_size=(width, height)` the box is in pixels of that image; otherwise it is on the
+    0-1000 scale already (reals allowed). Coordinates are rounded to the grid, one unit being 1/1000 of the image
+    size; a box reaching past the image edges is clipped to them, and corners keep their order. A `ValueError` is
+    raised for coordinates that are not finite and for boxes lying entirely outside the image (clipping would
+    silently turn them into a box on its edge).
     """
     values = _check_box(box)
-    width, height = _check_image_size(image_size) or (1000, 1000)
+    width, height = _check_image_size(image_size) or (BOX_SCALE, BOX_SCALE)
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"Box {box!r} has a coordinate that is not a finite number.")
     x1, y1, x2, y2 = values
     if max(x1, x2) < 0 or max(y1, y2) < 0 or min(x1, x2) >= width or min(y1, y2) >= height:
-        scale = f"the image ({width}x{height} pixels)" if image_size is not None else "the 0-1000 scale"
+        scale = f"the image ({width}x{height} pixels)" if image_size is not None else f"the 0-{BOX_SCALE} scale"
         raise ValueError(
             f"Box {box!r} lies entirely outside {scale}: pass image_size=(width, height) for pixel boxes, or "
-            "coordinates in [0, 1000) otherwise."
+            f"coordinates in [0, {BOX_SCALE}) otherwise."
         )
 
-    def quantize(value, extent):
-        return min(max(round(value * 1000 / extent), 0), 999)
+    def to_grid(value, extent):
+        return min(max(round(value * BOX_SCALE / extent), 0), BOX_SCALE - 1)
 
-    return f"<box>({quantize(x1, width)},{quantize(y1, height)}),({quantize(x2, width)},{quantize(y2, height)})</box>"
+    return point_box_text(to_grid(x1, width), to_grid(y1, height), to_grid(x2, width), to_grid(y2, height))
 
 
 def format_grounding(
@@ -165,14 +154,14 @@ def format_grounding(
     """
     if phrase is not None and not isinstance(phrase, str):
         raise TypeError(f"phrase must be a str or None, got {type(phrase).__name__}.")
-    if phrase is not None and _MARKUP.search(phrase):
+    if phrase is not None and MARKUP_TOKEN.search(phrase):
         raise ValueError(f"phrase must not contain grounding tags, got {phrase!r}.")
     if isinstance(boxes, (str, bytes, dict)) or not isinstance(boxes, Iterable):
         raise TypeError(f"boxes must be a box or a list of boxes, got {boxes!r}.")
     boxes = list(boxes)
     if boxes and isinstance(boxes[0], Real):
         boxes = [boxes]
-    ref = "" if phrase is None else f"<ref>{phrase}</ref>"
+    ref = "" if phrase is None else REF_TAGS[0] + phrase + REF_TAGS[1]
     return ref + "".join(box_to_text(box, image_size) for box in boxes)
 
 

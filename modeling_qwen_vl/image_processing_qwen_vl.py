@@ -12,7 +12,6 @@ import PIL.ImageFile
 from transformers import CLIPImageProcessorPil
 from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
 
-
 # Limits of `fetch_remote_image` (used only when remote images are explicitly allowed).
 REMOTE_IMAGE_TIMEOUT = 10.0
 REMOTE_IMAGE_MAX_BYTES = 20 * 1024 * 1024
@@ -27,7 +26,8 @@ def fetch_remote_image(
     Download the body of an http(s) `url`: the only network access of this package, reached only with
     `allow_remote_images=True`. Gives up with a `ValueError` once the download has taken `timeout` seconds (each
     network wait is also bounded by `timeout`; name resolution is not) or exceeds `max_bytes`. Redirects are followed
-    to http(s) URLs only; proxies come from the environment as usual.
+    to http(s) URLs only; proxies come from the environment as usual. Hand-written on `urllib` because transformers'
+    `load_image` fetches with `httpx` without a size limit, and the remote code imports no HTTP client library.
     """
     import http.client
     import urllib.request
@@ -72,17 +72,20 @@ def fetch_remote_image(
 
 
 def load_image(
-    source: str,
+    source: str | bytes,
     allow_remote: bool = False,
     timeout: float = REMOTE_IMAGE_TIMEOUT,
     max_bytes: int = REMOTE_IMAGE_MAX_BYTES,
 ) -> PIL.Image.Image:
     """
-    Open a local image file (first frame of an animation) as an RGB image, like the official
-    `Image.open(path).convert("RGB")`. An http(s) URL is fetched only with `allow_remote=True` (see
-    `fetch_remote_image`). Anything that is not a readable, decodable regular file within `PIL.Image.MAX_IMAGE_PIXELS`
-    raises a `ValueError` naming `source`.
+    Open what an image span's path names, a local image file (first frame of an animation), as an RGB image, like the
+    official `Image.open(path).convert("RGB")`; `bytes` are an encoded image file's content. An http(s) URL is fetched
+    only with `allow_remote=True` (see `fetch_remote_image`). Anything that is not a readable, decodable regular file
+    within `PIL.Image.MAX_IMAGE_PIXELS` raises a `ValueError` naming `source`. The processor, the training recipes
+    and the server all open images with this function.
     """
+    if isinstance(source, (bytes, bytearray)):
+        return _open_rgb(io.BytesIO(source), "image bytes")
     if source.startswith(("http://", "https://")):
         if not allow_remote:
             raise ValueError(
@@ -189,14 +192,13 @@ class QwenVLImageProcessor(CLIPImageProcessorPil):
     from transformers' default: alpha (RGBA, LA, PA, P with transparency) is dropped like the official
     `convert("RGB")` instead of being composited onto white.
 
-    Accepts PIL images of any mode (16-bit and float modes are converted as `convert("RGB")` does, i.e. values
-    above 255 saturate, like the official pipeline; animations give their current frame), uint8
-    `np.ndarray`/`torch.Tensor` images (HWC or CHW; 1, 3 or 4 channels; float images with values in [0, 1] or
-    [0, 255] are first converted to the uint8 image they stand for, so they are never rescaled twice), local file paths (never URLs: the processor
-    fetches those when allowed) and (nested) lists of them. An image that cannot be used (corrupt or truncated file,
-    EPS, whose decoding runs Ghostscript, more pixels than `PIL.Image.MAX_IMAGE_PIXELS` still to decode, an empty
-    array, an array whose channel axis is ambiguous without `input_data_format`, ...) raises a `ValueError` naming
-    its index or path.
+    Accepts PIL images of any mode (16-bit and float modes are converted as `convert("RGB")` does, i.e. values above 255
+    saturate, like the official pipeline; animations give their current frame), uint8 `np.ndarray`/`torch.Tensor` images
+    (HWC or CHW; 1, 3 or 4 channels; float images with values in [0, 1] or [0, 255] are first converted to the uint8
+    image they stand for, so they are never rescaled twice), local file paths (never URLs: the processor fetches those
+    when allowed) and (nested) lists of them. An image that cannot be used (corrupt or truncated file, EPS, whose
+    decoding runs Ghostscript, more pixels than `PIL.Image.MAX_IMAGE_PIXELS` still to decode, an empty array, an array
+    whose channel axis is ambiguous without `input_data_format`, ...) raises a `ValueError` naming its index or path.
 
     ```python
     >>> processor = QwenVLImageProcessor()  # 448px; QwenVLImageProcessor(size={"height": 224, "width": 224})

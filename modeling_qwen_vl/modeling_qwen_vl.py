@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -21,13 +22,13 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import can_return_tuple, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_qwen_vl import QwenVLConfig
-from .image_processing_qwen_vl import QwenVLImageProcessor
-from .processing_qwen_vl import QwenVLProcessor
 
 
 def eager_attention_forward(
@@ -67,7 +68,9 @@ def resize_grid_embedding(table: torch.Tensor, num_positions: int) -> torch.Tens
 def sincos_2d_table(dim: int, grid_size: int) -> torch.Tensor:
     """Fixed 2-D sin-cos table [grid_size**2, dim]: first half encodes the column, second half the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
 
     def encode(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega
@@ -91,6 +94,19 @@ def official_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> t
     return causal_part + (1.0 - attention_mask[:, None, None, :].to(dtype)) * min_value
 
 
+def official_padding_attention(
+    attention_mask: torch.Tensor, dtype: torch.dtype, training: bool
+) -> tuple[torch.Tensor, Callable | None]:
+    """The exactness policy for a left-padded prefill: `official_padding_mask` and the attention function it needs.
+
+    Returns `(mask, attention_function)`. In training that function is `eager_attention_forward`: sdpa kernels lose
+    precision in the backward pass on rows of `min` scores, which would change the gradients; otherwise it is None
+    (the configured implementation, which gives the official outputs with this mask). The blocks receive the function
+    as the `attention_function` keyword, which `QwenVLAttention` consumes.
+    """
+    return official_padding_mask(attention_mask, dtype), eager_attention_forward if training else None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Vision tower (`transformer.visual`): ViT + position-aware cross-attention adapter
 # ----------------------------------------------------------------------------------------------------------------------
@@ -101,7 +117,7 @@ class QwenVLVisionAttention(nn.Module):
 
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        width, self.num_heads = config.visual["width"], config.visual["heads"]
+        width, self.num_heads = config.vision.width, config.vision.heads
         self.head_dim = width // self.num_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
@@ -123,10 +139,10 @@ class QwenVLVisionAttention(nn.Module):
 class QwenVLVisionMLP(nn.Module):
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        width = config.visual["width"]
-        self.c_fc = nn.Linear(width, int(width * config.visual["mlp_ratio"]))
+        vision = config.vision
+        self.c_fc = nn.Linear(vision.width, vision.mlp_width)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(int(width * config.visual["mlp_ratio"]), width)
+        self.c_proj = nn.Linear(vision.mlp_width, vision.width)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(hidden_states)))
@@ -137,7 +153,7 @@ class QwenVLVisionBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        width = config.visual["width"]
+        width = config.vision.width
         self.ln_1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = QwenVLVisionAttention(config)
         self.ln_2 = nn.LayerNorm(width, eps=1e-6)
@@ -151,7 +167,7 @@ class QwenVLVisionBlock(GradientCheckpointingLayer):
 class QwenVLVisionEncoder(nn.Module):
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        self.resblocks = nn.ModuleList(QwenVLVisionBlock(config) for _ in range(config.visual["layers"]))
+        self.resblocks = nn.ModuleList(QwenVLVisionBlock(config) for _ in range(config.vision.layers))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -159,28 +175,33 @@ class QwenVLVisionEncoder(nn.Module):
         return hidden_states
 
 
-class QwenVLAdapterAttention(nn.MultiheadAttention):
-    """The adapter's cross-attention: `nn.MultiheadAttention` weights (stacked `in_proj`, `out_proj`), computed with
-    the configured attention implementation.
-
-    `out_proj` is called as a module, so accelerate's offloading hooks (`device_map` with cpu/disk offload) load its
-    weights; plain `nn.MultiheadAttention` reads `out_proj.weight` directly and would find it on the meta device.
-    """
+class QwenVLAdapterAttention(nn.Module):
+    """The adapter's cross-attention, with the official weight names (those of `nn.MultiheadAttention`, which the
+    official module is): a stacked `in_proj_weight`/`in_proj_bias` [3 * dim, ...] for q | k | v and `out_proj`. It is
+    computed with the configured attention implementation, `output_dim // 128` heads."""
 
     def __init__(self, config: QwenVLConfig):
-        embed_dim = config.visual["output_dim"]
-        super().__init__(embed_dim, embed_dim // 128, batch_first=True)
+        super().__init__()
         self.config = config
-        self.is_causal = False
+        self.embed_dim = config.vision.output_dim
+        self.num_heads = self.embed_dim // 128
+        self.head_dim = 128
         self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * self.embed_dim, self.embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * self.embed_dim))
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        # What `nn.MultiheadAttention`'s constructor draws, in its order: a seeded model gets the same weights as when
+        # this module subclassed it (`_init_weights` then sets the final values, also as before).
+        nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """query [batch, q_len, dim], key/value [batch, kv_len, dim] -> [batch, q_len, dim]."""
         batch = query.shape[0]
+        weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
 
         def project(x: torch.Tensor, index: int) -> torch.Tensor:
-            rows = slice(index * self.embed_dim, (index + 1) * self.embed_dim)
-            x = F.linear(x, self.in_proj_weight[rows], self.in_proj_bias[rows])
+            x = F.linear(x, weights[index], biases[index])
             return x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         attn_output, _ = _attention_interface(self.config)(
@@ -197,14 +218,15 @@ class QwenVLVisionAdapter(nn.Module):
 
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        embed_dim, n_queries = config.visual["output_dim"], config.visual["n_queries"]
-        self.query = nn.Parameter(torch.empty(n_queries, embed_dim))
+        vision = config.vision
+        embed_dim = vision.output_dim
+        self.query = nn.Parameter(torch.empty(vision.n_queries, embed_dim))
         # In the model's dtype, like the other weights: loading in bfloat16 then casts it instead of keeping a view of
         # the float32 checkpoint (which would pin the whole memory-mapped file) and mixing dtypes in `attn`.
-        table = sincos_2d_table(embed_dim, int(math.sqrt(n_queries))).to(torch.get_default_dtype())
+        table = sincos_2d_table(embed_dim, vision.query_grid).to(torch.get_default_dtype())
         self.register_buffer("pos_embed", table, persistent=True)
         # As in the official module: no projection (and no `kv_proj.weight` in the checkpoint) when the widths match.
-        width = config.visual["width"]
+        width = vision.width
         self.kv_proj = nn.Identity() if width == embed_dim else nn.Linear(width, embed_dim, bias=False)
         self.attn = QwenVLAdapterAttention(config)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -223,15 +245,15 @@ class QwenVLVisionTransformer(nn.Module):
 
     def __init__(self, config: QwenVLConfig):
         super().__init__()
-        visual = config.visual
-        self.conv1 = nn.Conv2d(3, visual["width"], visual["patch_size"], stride=visual["patch_size"], bias=False)
+        vision = config.vision
+        self.conv1 = nn.Conv2d(3, vision.width, vision.patch_size, stride=vision.patch_size, bias=False)
         # A 16x16 grid (official size whatever the image size); resized to the patch grid in `forward`.
-        self.positional_embedding = nn.Parameter(torch.empty(256, visual["width"]))
-        self.ln_pre = nn.LayerNorm(visual["width"], eps=1e-6)
+        self.positional_embedding = nn.Parameter(torch.empty(256, vision.width))
+        self.ln_pre = nn.LayerNorm(vision.width, eps=1e-6)
         self.transformer = QwenVLVisionEncoder(config)
         self.attn_pool = QwenVLVisionAdapter(config)
-        self.ln_post = nn.LayerNorm(visual["output_dim"], eps=1e-6)
-        self.proj = nn.Parameter(torch.empty(visual["output_dim"], visual["output_dim"]))
+        self.ln_post = nn.LayerNorm(vision.output_dim, eps=1e-6)
+        self.proj = nn.Parameter(torch.empty(vision.output_dim, vision.output_dim))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.conv1(pixel_values.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
@@ -315,8 +337,61 @@ def dynamic_ntk_alpha(seq_len: int, trained_len: int) -> float:
 def logn_attention_scale(position_ids: torch.Tensor, trained_len: int) -> torch.Tensor:
     """Per-query factor log(p+1)/log(trained_len) beyond the trained context, else 1; [batch, 1, len, 1]."""
     positions = position_ids.float() + 1
-    scale = torch.where(positions > trained_len, torch.log(positions) / math.log(trained_len), torch.ones_like(positions))
+    scale = torch.where(
+        positions > trained_len, torch.log(positions) / math.log(trained_len), torch.ones_like(positions)
+    )
     return scale[:, None, :, None]
+
+
+class QwenVLContextScaling:
+    """The exactness policy for contexts past the trained length (`config.seq_length`), as in the official model:
+    dynamic NTK (the rotary base grows by `dynamic_ntk_alpha` of the prefill's length; every decoding step of that
+    conversation keeps the prefill's alpha) and log-n scaling of the queries (`logn_attention_scale`). Inference only:
+    training uses alpha 1 and no scaling.
+
+    The alpha of each conversation is remembered per cache object in a weak map (no attribute is added to the cache;
+    the entry goes with the cache), which also tells a prefill from a decoding step inside `torch.compile`, where the
+    cache's length is on the device (`has_prefilled`). Hand-written: transformers' rotary "dynamic" scaling recomputes
+    the factor at every step from the current length, which is not the official behaviour.
+    """
+
+    def __init__(self, config: QwenVLConfig):
+        self.config = config
+        self._prefill_alphas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __getstate__(self) -> dict:  # a pickled model keeps the policy, not the (weak) per-conversation entries
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict):
+        self.__init__(state["config"])
+
+    def has_prefilled(self, cache: Cache) -> bool:
+        """Whether a prefill of this model has gone through `cache`."""
+        return cache in self._prefill_alphas
+
+    def prefill_alpha(self, cache: Cache) -> float | None:
+        """The dynamic-NTK alpha chosen at the prefill that filled `cache` (None if none did)."""
+        return self._prefill_alphas.get(cache)
+
+    def __call__(
+        self, position_ids: torch.Tensor, cache: Cache | None, is_prefill: bool, training: bool
+    ) -> tuple[float, torch.Tensor | None]:
+        """`(ntk_alpha, logn_scale)` for a forward over `position_ids` [batch, len] (`logn_scale` [batch, 1, len, 1]
+        or None)."""
+        use_ntk = self.config.use_dynamic_ntk and not training
+        if is_prefill:
+            ntk_alpha = dynamic_ntk_alpha(position_ids.shape[-1], self.config.seq_length) if use_ntk else 1.0
+            if cache is not None:
+                self._prefill_alphas[cache] = ntk_alpha
+        elif not use_ntk:
+            ntk_alpha = 1.0
+        elif (ntk_alpha := self._prefill_alphas.get(cache)) is None:
+            # A filled cache no prefill of this model went through: a copy (e.g. `copy.deepcopy` for prompt reuse).
+            # Its current length stands for the prefill's (exactly so when it was copied right after the prefill).
+            ntk_alpha = dynamic_ntk_alpha(int(cache.get_seq_length()), self.config.seq_length)
+            self._prefill_alphas[cache] = ntk_alpha
+        use_logn = self.config.use_logn_attn and not training
+        return ntk_alpha, logn_attention_scale(position_ids, self.config.seq_length) if use_logn else None
 
 
 class QwenVLCacheLayer(DynamicLayer):
@@ -338,7 +413,9 @@ class QwenVLCacheLayer(DynamicLayer):
     def _holds(self, tensor: torch.Tensor | None, buffer: torch.Tensor | None) -> bool:
         return tensor is not None and buffer is not None and tensor.data_ptr() == buffer.data_ptr()
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
             return super().update(key_states, value_states)  # in-place writes would break autograd: plain concatenation
         if not self.is_initialized:
@@ -405,21 +482,27 @@ class QwenVLAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         logn_scale: torch.Tensor | None = None,
-        force_eager_attention: bool = False,
+        attention_function: Callable | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [batch, len, hidden] -> (output [batch, len, hidden], attention weights or None).
+        `attention_function` replaces the configured implementation (see `official_padding_attention`)."""
         batch, length, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query_key = apply_rotary_pos_emb(qkv[:, :, :2], *position_embeddings)  # q and k in one pass
         # [batch, heads, len, head_dim] views
-        query, key, value = query_key[:, :, 0].transpose(1, 2), query_key[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        query, key, value = (
+            query_key[:, :, 0].transpose(1, 2),
+            query_key[:, :, 1].transpose(1, 2),
+            qkv[:, :, 2].transpose(1, 2),
+        )
         if logn_scale is not None:
             query = query * logn_scale.to(query.dtype)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention_fn = eager_attention_forward if force_eager_attention else _attention_interface(self.config)
-        attn_output, attn_weights = attention_fn(
+        attention_function = attention_function or _attention_interface(self.config)
+        attn_output, attn_weights = attention_function(
             self,
             query,
             key,
@@ -461,7 +544,6 @@ class QwenVLBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         logn_scale: torch.Tensor | None = None,
-        force_eager_attention: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         attn_output, _ = self.attn(
@@ -470,7 +552,6 @@ class QwenVLBlock(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             cache=cache,
             logn_scale=logn_scale,
-            force_eager_attention=force_eager_attention,
             **kwargs,
         )
         hidden_states = hidden_states + attn_output
@@ -478,7 +559,11 @@ class QwenVLBlock(GradientCheckpointingLayer):
 
 
 def _broken_safetensors(path: str) -> bool:
-    """Whether `path` is a `.safetensors` file whose header is unreadable or describes more bytes than it holds."""
+    """Whether `path` is a `.safetensors` file whose header is unreadable or describes more bytes than it holds.
+
+    Read by hand (8-byte length, JSON header, data offsets) rather than with `safetensors.safe_open` because this file
+    is remote code, which imports only torch, transformers, tiktoken, PIL and numpy (see the README's security notes);
+    `qwen-vl push` checks the same with `safe_open`."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return False
     size = os.path.getsize(path)
@@ -625,12 +710,14 @@ def _validate_cache(config: QwenVLConfig, cache, batch: int) -> Cache | None:
         )
     heads, head_dim = config.num_attention_heads, config.kv_channels
     layers = getattr(cache, "layers", None) or []
-    if layers and len(layers) != config.num_hidden_layers and (
-        getattr(cache, "layer_class_to_replicate", None) is None or cache.get_seq_length() != 0
+    if (
+        layers
+        and len(layers) != config.num_hidden_layers
+        and (getattr(cache, "layer_class_to_replicate", None) is None or cache.get_seq_length() != 0)
     ):
         raise ValueError(
-            f"The cache holds {len(layers)} layers but this model has {config.num_hidden_layers}: it belongs to another "
-            "model; start a new one (omit `cache`) or pass the cache this model returned."
+            f"The cache holds {len(layers)} layers but this model has {config.num_hidden_layers}: it belongs to "
+            "another model; start a new one (omit `cache`) or pass the cache this model returned."
         )
     keys = getattr(layers[0], "keys", None) if layers and getattr(layers[0], "is_initialized", False) else None
     if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.numel():
@@ -669,7 +756,7 @@ def _validate_pixel_values(config: QwenVLConfig, pixel_values) -> torch.Tensor:
         pixel_values = pixel_values[None]
     if pixel_values.ndim == 4 and pixel_values.shape[1] != 3 and pixel_values.shape[-1] == 3:
         pixel_values = pixel_values.permute(0, 3, 1, 2)  # channels-last
-    size, patch = config.visual["image_size"], config.visual["patch_size"]
+    size, patch = config.vision.image_size, config.vision.patch_size
     if (
         pixel_values.ndim != 4
         or pixel_values.shape[1] != 3
@@ -690,7 +777,7 @@ def _validate_ids(config: QwenVLConfig, input_ids: torch.Tensor) -> None:
     depth = starts.long().cumsum(-1) - ends.long().cumsum(-1)
     unbalanced = (depth < 0).any(-1) | (depth > 1).any(-1) | (depth[:, -1] != 0)
     slots = ((depth > 0) & ~starts).sum(-1)
-    wrong_length = slots != starts.sum(-1) * config.visual["n_queries"]
+    wrong_length = slots != starts.sum(-1) * config.vision.n_queries
     if not bool((out_of_range | unbalanced | wrong_length).any()):
         return
     if bool(out_of_range.any()):
@@ -707,7 +794,7 @@ def _validate_ids(config: QwenVLConfig, input_ids: torch.Tensor) -> None:
         )
     raise ValueError(
         f"input_ids[{_first_row(wrong_length)}]: every <img>...</img> span must hold exactly "
-        f"{config.visual['n_queries']} tokens between the tags (the model's visual['n_queries']): use a tokenizer "
+        f"{config.vision.n_queries} tokens between the tags (the model's visual['n_queries']): use a tokenizer "
         "whose image_span_length is the same."
     )
 
@@ -739,6 +826,9 @@ class QwenVLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # transformers' output capturing (`capture_outputs`): the input of the first block and every block's output are the
+    # hidden states (the last one replaced by the final norm's output); attention weights come from each attention.
+    _can_record_outputs = {"hidden_states": QwenVLBlock, "attentions": OutputRecorder(QwenVLAttention, index=1)}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -761,9 +851,17 @@ class QwenVLPreTrainedModel(PreTrainedModel):
         if isinstance(module, QwenVLVisionTransformer):
             init.normal_(module.positional_embedding, std=module.positional_embedding.shape[-1] ** -0.5)
             init.normal_(module.proj, std=module.proj.shape[0] ** -0.5)
+        elif isinstance(module, QwenVLAdapterAttention):
+            # `nn.MultiheadAttention`'s own initialisation (after `out_proj`, a child, got the Linear one), as before
+            # this module stopped subclassing it: freshly initialised adapters keep their values for a given seed.
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
         elif isinstance(module, QwenVLVisionAdapter):
             init.trunc_normal_(module.query, std=0.02)
-            init.copy_(module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0]))))
+            init.copy_(
+                module.pos_embed, sincos_2d_table(module.pos_embed.shape[1], int(math.sqrt(module.pos_embed.shape[0])))
+            )
         elif isinstance(module, QwenVLRotaryEmbedding):
             init.copy_(module.inv_freq, module.inverse_frequencies(1.0))
 
@@ -778,6 +876,7 @@ class QwenVLModel(QwenVLPreTrainedModel):
         self.h = nn.ModuleList(QwenVLBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = QwenVLRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.rotary_emb = QwenVLRotaryEmbedding(config)
+        self.context_scaling = QwenVLContextScaling(config)
         self.visual = QwenVLVisionTransformer(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -823,13 +922,15 @@ class QwenVLModel(QwenVLPreTrainedModel):
         num_ends = int((input_ids == self.config.image_end_id).sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if num_spans != num_ends:
-            raise ValueError(f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed.")
+            raise ValueError(
+                f"input_ids have {num_spans} <img> tokens but {num_ends} </img> tokens; every span must be closed."
+            )
         if num_spans != num_images:
             raise self._image_count_error(num_spans, num_images)
         if num_images == 0:
             return inputs_embeds
         mask = self.get_image_mask(input_ids)
-        n_queries = self.config.visual["n_queries"]
+        n_queries = self.config.vision.n_queries
         if int(mask.sum()) != num_images * n_queries:
             raise ValueError(
                 f"Every <img>...</img> span must hold exactly {n_queries} tokens between the tags (the model's "
@@ -838,13 +939,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
         features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features)
 
-    @staticmethod
-    def _is_prefill(cache: Cache | None) -> bool:
+    def _is_prefill(self, cache: Cache | None) -> bool:
         """True without a cache or with an empty one: only then is the dynamic-NTK alpha chosen.
 
         Compilable caches (`StaticCache`) count their tokens on device. Reading that count inside `torch.compile`
-        would break the graph, so a compiled call takes such a cache as empty until this model has stored its alpha on
-        it (`generate` builds a new cache per call and compiles decoding steps only, never the prefill).
+        would break the graph, so a compiled call takes such a cache as empty until a prefill of this model went
+        through it (`generate` builds a new cache per call and compiles decoding steps only, never the prefill).
         """
         if cache is None:
             return True
@@ -852,11 +952,11 @@ class QwenVLModel(QwenVLPreTrainedModel):
         if not isinstance(past_length, torch.Tensor):
             return past_length == 0
         if is_torchdynamo_compiling():
-            return not hasattr(cache, "qwen_ntk_alpha")
+            return not self.context_scaling.has_prefilled(cache)
         return not bool(past_length)
 
     def _is_left_padded_prefill(self, attention_mask: torch.Tensor | None, is_prefill: bool, query_length: int) -> bool:
-        """A left-padded uncached batch under eager/sdpa: use `official_padding_mask` so every position, padding
+        """A left-padded uncached batch under eager/sdpa: use `official_padding_attention` so every position, padding
         included, gets the official output. Otherwise the standard causal mask already gives the official results."""
         return (
             is_prefill
@@ -868,6 +968,8 @@ class QwenVLModel(QwenVLPreTrainedModel):
         )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -877,15 +979,19 @@ class QwenVLModel(QwenVLPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids [batch, len] (or inputs_embeds [batch, len, hidden]) -> last_hidden_state [batch, len, hidden].
+        `pixel_values` [images, 3, S, S] are the images of the `<img>` spans among `input_ids`, in order (see
+        `QwenVLForConditionalGeneration.forward`). `output_hidden_states` / `output_attentions` are recorded by
+        transformers' output capturing (`_can_record_outputs`).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         pixel_values, cache = validate_model_inputs(
             self.config, input_ids, attention_mask, position_ids, cache, inputs_embeds, pixel_values, self._is_prefill
         )
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = QwenVLCache(self.config)
         if inputs_embeds is None:
@@ -902,26 +1008,12 @@ class QwenVLModel(QwenVLPreTrainedModel):
             past_length = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(query_length, device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+        ntk_alpha, logn_scale = self.context_scaling(position_ids, cache, is_prefill, self.training)
 
-        # Dynamic NTK and log-n scaling extend the context at inference only; decoding reuses the prefill's alpha,
-        # which every prefill stores on the cache (it also marks the cache as filled, see `_is_prefill`).
-        ntk_alpha, logn_scale = 1.0, None
-        use_ntk = self.config.use_dynamic_ntk and not self.training
-        if is_prefill:
-            if use_ntk:
-                ntk_alpha = dynamic_ntk_alpha(query_length, self.config.seq_length)
-            if cache is not None:
-                cache.qwen_ntk_alpha = ntk_alpha
-        elif use_ntk:
-            ntk_alpha = getattr(cache, "qwen_ntk_alpha", 1.0)
-        if self.config.use_logn_attn and not self.training:
-            logn_scale = logn_attention_scale(position_ids, self.config.seq_length)
-
-        official_padding = self._is_left_padded_prefill(attention_mask, is_prefill, query_length)
-        # sdpa kernels lose precision in the backward pass on rows of `min` scores: train such batches with eager math.
-        force_eager_attention = official_padding and self.training
-        if official_padding:
-            causal_mask = official_padding_mask(attention_mask, inputs_embeds.dtype)
+        if self._is_left_padded_prefill(attention_mask, is_prefill, query_length):
+            causal_mask, kwargs["attention_function"] = official_padding_attention(
+                attention_mask, inputs_embeds.dtype, self.training
+            )
         else:
             causal_mask = create_causal_mask(
                 config=self.config,
@@ -933,23 +1025,16 @@ class QwenVLModel(QwenVLPreTrainedModel):
         position_embeddings = self.rotary_emb(position_ids, ntk_alpha)
 
         hidden_states = self.drop(inputs_embeds)
-        all_hidden_states = () if output_hidden_states else None
         for block in self.h:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             hidden_states = block(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
                 cache=cache,
                 logn_scale=logn_scale,
-                force_eager_attention=force_eager_attention,
                 **kwargs,
             )
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), cache=cache)
 
 
 class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
@@ -995,6 +1080,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         return self.transformer.get_image_features(pixel_values)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1005,7 +1091,6 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -1016,7 +1101,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         shifted inside (next-token loss, mean over kept targets).
         """
         validate_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
-        outputs = self.transformer(
+        outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1024,15 +1109,9 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
@@ -1041,7 +1120,11 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(self.transformer.get_image_mask(input_ids), -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     def _expand_inputs_for_generation(
@@ -1101,11 +1184,12 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
         """
         if stream:
             raise ValueError("chat(stream=True) is not supported: pass streamer=TextIteratorStreamer(...) instead.")
+        from .processing_qwen_vl import QwenVLProcessor  # the processing stack loads only for chat()
+
         if isinstance(tokenizer, QwenVLProcessor):
             processor = tokenizer
         else:
-            size = self.config.visual["image_size"]
-            processor = QwenVLProcessor(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer)
+            processor = QwenVLProcessor.for_model(self.config, tokenizer)
         tok = processor.tokenizer
         generation_config = generation_config or self.generation_config
         history = list(history or [])
@@ -1114,9 +1198,7 @@ class QwenVLForConditionalGeneration(QwenVLPreTrainedModel, GenerationMixin):
             return len(tok(text, add_special_tokens=False)["input_ids"])
 
         # Keep the most recent turns that fit in the window, like the official `make_context`.
-        budget = getattr(generation_config, "max_window_size", 6144) - count(
-            f"<|im_start|>system\n{system}<|im_end|>"
-        )
+        budget = getattr(generation_config, "max_window_size", 6144) - count(f"<|im_start|>system\n{system}<|im_end|>")
         kept: list[tuple[str, str]] = []
         for turn_query, turn_response in reversed(history):
             budget -= count(

@@ -1,6 +1,5 @@
 """Processor of Qwen-VL: the tokenizer's `<img>...</img>` spans paired with the image processor's `pixel_values`."""
 
-import re
 import unicodedata
 
 import numpy as np
@@ -17,12 +16,9 @@ from .image_processing_qwen_vl import (
     decode_image,
     load_image,
 )
-from .tokenization_qwen_vl import IMAGE_TAGS, QwenVLTokenizer, check_markup
+from .text_format import EMPTY_IMAGE_SPAN, IMAGE_SPAN, check_markup
+from .tokenization_qwen_vl import QwenVLTokenizer
 
-
-# Same pairing as the tokenizer: an opening tag closes at the first `</img>` after it.
-IMAGE_SPAN = re.compile(re.escape(IMAGE_TAGS[0]) + "(.*?)" + re.escape(IMAGE_TAGS[1]), re.DOTALL)
-EMPTY_IMAGE_SPAN = IMAGE_TAGS[0] + IMAGE_TAGS[1]
 # Tokenizer keyword arguments applied when the rows are padded together (after truncation and the length check).
 PADDING_KWARGS = ("padding", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 
@@ -78,6 +74,13 @@ class QwenVLProcessor(ProcessorMixin):
         if chat_template is None and tokenizer is not None:
             chat_template = tokenizer.chat_template
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def for_model(cls, config, tokenizer: QwenVLTokenizer) -> "QwenVLProcessor":
+        """The processor of a model with `config`: square images of the model's `visual["image_size"]` (the size
+        the model's `pixel_values` must have), text through `tokenizer`."""
+        size = config.vision.image_size
+        return cls(QwenVLImageProcessor(size={"height": size, "width": size}), tokenizer)
 
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
@@ -196,7 +199,9 @@ class QwenVLProcessor(ProcessorMixin):
         """
         if sanitize_control_tokens is None:
             sanitize_control_tokens = bool(kwargs.get("tokenize"))
-        return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+        return super().apply_chat_template(
+            conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs
+        )
 
     def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
         """
@@ -263,7 +268,9 @@ class QwenVLProcessor(ProcessorMixin):
         """
         check_phrase(phrase)
         if prompt is not None and not isinstance(prompt, str):
-            raise TypeError(f"`prompt` must be a str template using {{phrase}} (and {{ref}}), got {type(prompt).__name__}.")
+            raise TypeError(
+                f"`prompt` must be a str template using {{phrase}} (and {{ref}}), got {type(prompt).__name__}."
+            )
         image = load_image(image) if isinstance(image, str) else image
         chat = getattr(model.generation_config, "chat_format", None) == "chatml"
         prefix = "" if chat else f"<ref>{phrase}</ref>"
@@ -271,7 +278,8 @@ class QwenVLProcessor(ProcessorMixin):
             query = (prompt or ("Where is {phrase}?" if chat else "<img></img>{ref}")).format(ref=prefix, phrase=phrase)
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(
-                f"`prompt` {prompt!r} is not a template of {{phrase}} and {{ref}} ({error!r}); write braces as {{{{ }}}}."
+                f"`prompt` {prompt!r} is not a template of {{phrase}} and {{ref}} ({error!r}); "
+                "write braces as {{{{ }}}}."
             ) from error
         if chat:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}]
@@ -376,8 +384,13 @@ def _empty_image_spans(sample: str) -> tuple[str, list[dict]]:
 def _edit(span: tuple[int, int], shift: int, text: str, replacement: str) -> dict:
     """One entry of transformers' `text_replacement_offsets`: `span` of the old text became `replacement`."""
     start = span[0] + shift
-    return {"type": "image", "span": span, "new_span": (start, start + len(replacement)), "text": text,
-            "replacement": replacement}
+    return {
+        "type": "image",
+        "span": span,
+        "new_span": (start, start + len(replacement)),
+        "text": text,
+        "replacement": replacement,
+    }
 
 
 def _match_images(images, row_spans: list[list[str]]) -> list[list[tuple[str, object]]]:

@@ -1,7 +1,6 @@
 """Tokenizer of Qwen-VL: tiktoken BPE over the official `qwen.tiktoken` vocabulary, with image spans and ChatML."""
 
 import base64
-import numbers
 import os
 import re
 import shutil
@@ -15,6 +14,24 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 # found in user strings (transformers' `mark_control_tokens`).
 from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
 
+from .text_format import (
+    BOX_TAGS,
+    CHAT_STOP_TOKENS,
+    CHAT_TEMPLATE,
+    CONTROL_TOKENS,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    IMAGE_SPAN_LENGTH,
+    IMAGE_ST,
+    IMAGE_TAGS,
+    QUAD_TAGS,
+    REF_TAGS,
+    SPECIAL_TOKENS,
+    from_list_format,
+    to_list_format,
+)
 
 VOCAB_FILES_NAMES = {"vocab_file": "qwen.tiktoken"}
 
@@ -22,80 +39,12 @@ PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
-# (start, end) tag pairs of the multimodal markup, in vocabulary order; `<imgpad>` follows them.
-REF_TAGS = ("<ref>", "</ref>")
-BOX_TAGS = ("<box>", "</box>")
-QUAD_TAGS = ("<quad>", "</quad>")
-IMAGE_TAGS = ("<img>", "</img>")
-IMAGE_PAD = "<imgpad>"
-# Ids follow the BPE ranks in exactly this order.
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS, *REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
-# ChatML control tokens: only the chat template writes them; typed inside a message they stay plain text.
-CONTROL_TOKENS = (ENDOFTEXT, IM_START, IM_END, *EXTRAS)
-# The official `IMAGE_ST`: the only special tokens the official `make_context` recognises inside message content.
-IMAGE_ST = (*REF_TAGS, *BOX_TAGS, *QUAD_TAGS, *IMAGE_TAGS, IMAGE_PAD)
 # In a chat rendered from marked input: a control token the user typed (wrapped in markers, group 1), a lone marker,
 # or a control token the template wrote (group 2).
 _CONTROL = "|".join(re.escape(token) for token in sorted(CONTROL_TOKENS, key=len, reverse=True))
 _MARKED_CHAT = re.compile(
     f"{_CONTROL_TOKEN_START}({_CONTROL}){_CONTROL_TOKEN_END}|[{_CONTROL_TOKEN_START}{_CONTROL_TOKEN_END}]|({_CONTROL})"
 )
-
-# Positions between `<img>` and `</img>`: the number of image features the model writes there (the official 256;
-# a model with another `visual["n_queries"]` saves its own as the tokenizer's `image_span_length`).
-IMAGE_SPAN_LENGTH = 256
-# Box coordinates are integers in [0, BOX_SCALE), relative to the image size.
-BOX_SCALE = 1000
-
-# The paired tags of the multimodal markup; they do not nest.
-MARKUP_TAGS = (IMAGE_TAGS, REF_TAGS, BOX_TAGS, QUAD_TAGS)
-_MARKUP_TAG = re.compile("|".join(re.escape(tag) for tags in MARKUP_TAGS for tag in tags))
-_CLOSING_TAGS = tuple(tags[1] for tags in MARKUP_TAGS)
-
-# ChatML as used by Qwen-VL-Chat (default system message "You are a helpful assistant."). Image items become
-# "Picture N: <img>PATH</img>\n" (N counts the images of the whole conversation). An image that is not a path or URL
-# string (e.g. a PIL image, which transformers shows to templates as the placeholder "<Image>") leaves the span empty,
-# and the tokenizer fills it with <imgpad>. Each assistant reply and its <|im_end|> form a `{% generation %}` span:
-# the tokens that `return_assistant_tokens_mask=True` (TRL's `assistant_only_loss`) trains.
-CHAT_TEMPLATE = r"""{%- set images = namespace(count=0) -%}
-{%- if not messages or messages[0]['role'] != 'system' -%}
-{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-{{- '<|im_start|>' + message['role'] + '\n' -}}
-{%- set content -%}
-{%- if message['content'] is string -%}
-{{- message['content'] -}}
-{%- else -%}
-{%- for item in message['content'] -%}
-{%- if item['type'] == 'text' -%}
-{{- item['text'] -}}
-{%- elif item['type'] == 'image' -%}
-{%- set images.count = images.count + 1 -%}
-{%- set source = item['image'] if 'image' in item else (item['url'] if 'url' in item else item['path']) -%}
-{%- set is_path = source is string and not (source.startswith('<') and source.endswith('>')) -%}
-{{- 'Picture ' ~ images.count ~ ': <img>' ~ (source if is_path else '') ~ '</img>\n' -}}
-{%- else -%}
-{{- raise_exception("Unsupported content item type '" ~ item['type'] ~ "': use 'text' or 'image'.") -}}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{%- endset -%}
-{%- if message['role'] == 'assistant' -%}
-{%- generation -%}{{- content + '<|im_end|>' -}}{%- endgeneration -%}
-{%- else -%}
-{{- content + '<|im_end|>' -}}
-{%- endif -%}
-{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '\n<|im_start|>assistant\n' -}}
-{%- endif -%}"""
-
 
 BYTE_ENCODER = bytes_to_unicode()  # GPT-2's reversible byte -> printable character table
 BYTE_DECODER = {char: b for b, char in BYTE_ENCODER.items()}
@@ -119,34 +68,6 @@ def load_tiktoken_ranks(vocab_file: str) -> dict[bytes, int]:
     return ranks
 
 
-def check_markup(text: str, name: str = "text") -> None:
-    """
-    Raise a `ValueError` naming `name` and the position unless every `<img>`, `<ref>`, `<box>` and `<quad>` in
-    `text` is closed by its own closing tag before any other tag opens.
-    """
-    opened = None  # (tag, position) of the open tag
-    for match in _MARKUP_TAG.finditer(text):
-        tag, position = match.group(), match.start()
-        if opened is None and tag in _CLOSING_TAGS:
-            raise ValueError(
-                f"{name}: {tag} at character {position} closes nothing; remove it or add {'<' + tag[2:]} before it."
-            )
-        if opened is None:
-            opened = (tag, position)
-        elif tag == "</" + opened[0][1:]:
-            opened = None
-        else:
-            raise ValueError(
-                f"{name}: {tag} at character {position} is inside {opened[0]} (opened at character {opened[1]}); "
-                f"tags do not nest: close {opened[0]} with {'</' + opened[0][1:]} first."
-            )
-    if opened is not None:
-        raise ValueError(
-            f"{name}: {opened[0]} at character {opened[1]} is never closed; add {'</' + opened[0][1:]} after its "
-            "content."
-        )
-
-
 class QwenVLTokenizer(PreTrainedTokenizer):
     """
     Qwen-VL tokenizer: byte-level BPE (tiktoken) over the ranks of a `qwen.tiktoken` file, followed by the special
@@ -155,9 +76,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     format works). Special tokens written in text are recognised.
 
     An image span `<img>PATH</img>` always encodes to `image_span_length + 2` ids (258 for the official models):
-    `<img>`, the UTF-8 bytes of PATH used as ids, `<imgpad>` up to `image_span_length` ids, `</img>`. The model
-    replaces the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths
-    longer than the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the network.
+    `<img>`, the UTF-8 bytes of PATH used as ids, `<imgpad>` up to `image_span_length` ids, `</img>`. The model replaces
+    the inner positions by image features. Unclosed or nested image spans, a `</img>` without `<img>`, paths longer than
+    the span and truncation through a span raise a `ValueError`. Encoding and decoding touch neither files nor the
+    network.
 
     Tokens are shown as byte-level strings (GPT-2 convention); text is NFC-normalised before encoding. Batches are
     padded on the left (`padding_side="left"`, saved with the tokenizer), as generation with a decoder-only model needs.
@@ -246,8 +168,14 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         self.quad_start_id, self.quad_end_id = (self.special_tokens[t] for t in QUAD_TAGS)
         self.img_start_id, self.img_end_id = (self.special_tokens[t] for t in IMAGE_TAGS)
         self.img_pad_id = self.special_tokens[IMAGE_PAD]
-        self.image_special_tokens = {self.ref_start_id, self.ref_end_id, self.box_start_id, self.box_end_id,
-                                     self.quad_start_id, self.quad_end_id}
+        self.image_special_tokens = {
+            self.ref_start_id,
+            self.ref_end_id,
+            self.box_start_id,
+            self.box_end_id,
+            self.quad_start_id,
+            self.quad_end_id,
+        }
 
         # The special tokens are fixed by the vocabulary: a saved `added_tokens_decoder` may only repeat them.
         for index, token in kwargs.pop("added_tokens_decoder", {}).items():
@@ -274,7 +202,7 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     @property
     def chat_stop_ids(self) -> list[int]:
         """Ids that end a ChatML reply, as the official chat stops: `<|im_end|>`, `<|im_start|>`, `<|endoftext|>`."""
-        return [self.im_end_id, self.im_start_id, self.eod_id]
+        return [self.special_tokens[token] for token in CHAT_STOP_TOKENS]
 
     @property
     def vocab_size(self) -> int:
@@ -314,19 +242,25 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             )
         if sanitize_control_tokens is None:
             sanitize_control_tokens = kwargs.get("tokenize", True)
-        return super().apply_chat_template(conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+        return super().apply_chat_template(
+            conversation, *args, sanitize_control_tokens=sanitize_control_tokens, **kwargs
+        )
 
     def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
         """The tokens that sanitizing keeps as text in messages: ChatML's, not the image and grounding tags."""
         return CONTROL_TOKENS
 
-    def _mark_chat_inputs(self, chat_template, conversations, tools, documents, template_kwargs, tokenize, assistant_mask):
+    def _mark_chat_inputs(
+        self, chat_template, conversations, tools, documents, template_kwargs, tokenize, assistant_mask
+    ):
         """
         transformers' marking of typed control tokens, also with `return_assistant_tokens_mask` (which it refuses
         because a fast tokenizer's offsets would not match the marked text): here the offsets that the mask is built
         from are characters of the marked chat itself (see `_encode_marked_chat`).
         """
-        return super()._mark_chat_inputs(chat_template, conversations, tools, documents, template_kwargs, tokenize, False)
+        return super()._mark_chat_inputs(
+            chat_template, conversations, tools, documents, template_kwargs, tokenize, False
+        )
 
     def _encode_plus(
         self, text, *args, sanitize_control_tokens: bool = False, return_offsets_mapping: bool = False, **kwargs
@@ -350,7 +284,9 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         return_tensors = kwargs.pop("return_tensors", None)
         encoding = super()._encode_plus(ids, *args, **kwargs)  # ids pass through: truncation applies to them
         kept = len(encoding["input_ids"])
-        encoding["offset_mapping"] = offsets[len(offsets) - kept :] if self.truncation_side == "left" else offsets[:kept]
+        encoding["offset_mapping"] = (
+            offsets[len(offsets) - kept :] if self.truncation_side == "left" else offsets[:kept]
+        )
         return BatchEncoding(dict(encoding), tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
 
     def tokenize(
@@ -399,7 +335,10 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         starts on a token boundary, where the template's `{% generation %}` span starts.
         """
         ids, offsets = [], []
-        text, origin = "", []  # the text since the template's last control token, and where its characters are in `chat`
+        text, origin = (
+            "",
+            [],
+        )  # the text since the template's last control token, and where its characters are in `chat`
         after_im_start = False
 
         def encode_text():
@@ -566,7 +505,8 @@ class QwenVLTokenizer(PreTrainedTokenizer):
             if len(starts) != len(ends) or any(e - s != self.image_span_length + 1 for s, e in zip(starts, ends)):
                 raise ValueError(
                     f"Truncation to max_length would cut through an image span ({self.image_span_length + 2} tokens "
-                    "that belong together): raise max_length or shorten the text so that the cut falls outside the image"
+                    "that belong together): raise max_length or shorten the text so that the cut falls outside the "
+                    "image"
                 )
         return ids, pair_ids, overflowing_tokens
 
@@ -672,97 +612,12 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         return (path,)
 
     def from_list_format(self, list_format: list[dict]) -> str:
-        """
-        Build a query from official list-format elements: `{"image": path}` -> `Picture N:<img>path</img>\\n`
-        (N from 1), `{"text": t}` -> t, `{"ref": r, "box": [[x1, y1, x2, y2], ...]}` ->
-        `<ref>r</ref><box>(x1,y1),(x2,y2)</box>` per box (`ref` and `box` may each appear alone).
-
-        Raises a `ValueError` naming the element for: a path longer than the image span, markup tags in a path or ref, unclosed or
-        nested tags in a text, a box that is not 4 integers in [0, 1000) with x1 <= x2 and y1 <= y2, and a value
-        starting with a combining mark that NFC would merge into the preceding tag.
-        """
-        if not isinstance(list_format, (list, tuple)):
-            raise TypeError(f"list_format must be a list of dicts, got {type(list_format).__name__}")
-        text = ""
-        num_images = 0
-        for index, element in enumerate(list_format):
-            name = f"list_format[{index}]"
-            if not isinstance(element, dict):
-                raise TypeError(f"{name} must be a dict, got {type(element).__name__}: {element!r}")
-            keys = set(element)
-            if not all(isinstance(element[key], str) for key in keys & {"image", "text", "ref"}):
-                raise TypeError(f"{name}: 'image', 'text' and 'ref' values must be str, got {element!r}")
-            if keys == {"image"}:
-                path = element["image"]
-                _check_plain(path, f"{name}['image']")
-                if len(path.encode()) > self.image_span_length:
-                    raise ValueError(
-                        f"{name}: image path {path[:60]!r}... is {len(path.encode())} bytes long, more than the "
-                        f"{self.image_span_length} an image span holds: use a shorter path"
-                    )
-                num_images += 1
-                text += f"Picture {num_images}:{IMAGE_TAGS[0]}{path}{IMAGE_TAGS[1]}\n"
-            elif keys == {"text"}:
-                check_markup(unicodedata.normalize("NFC", element["text"]), f"{name}['text']")
-                if text.endswith(_CLOSING_TAGS):
-                    _check_after_tag(element["text"], f"{name}['text']")
-                text += element["text"]
-            elif keys and keys <= {"ref", "box"}:
-                if "ref" in element:
-                    _check_plain(element["ref"], f"{name}['ref']")
-                    text += REF_TAGS[0] + element["ref"] + REF_TAGS[1]
-                boxes = element.get("box", [])
-                if not isinstance(boxes, (list, tuple)) or not all(_is_box(box) for box in boxes):
-                    raise ValueError(
-                        f"{name}: 'box' must be a list of boxes [x1, y1, x2, y2], each 4 integers in [0, "
-                        f"{BOX_SCALE}), got {boxes!r}"
-                    )
-                for box in boxes:
-                    x1, y1, x2, y2 = (int(v) for v in box)
-                    if not (0 <= x1 <= x2 < BOX_SCALE and 0 <= y1 <= y2 < BOX_SCALE):
-                        raise ValueError(
-                            f"{name}: box {list(box)!r} must be the top-left then bottom-right corner, integers in "
-                            f"[0, {BOX_SCALE}) with x1 <= x2 and y1 <= y2 (relative to the image size: "
-                            "grounding_qwen_vl.box_to_text converts pixels)"
-                        )
-                    text += BOX_TAGS[0] + f"({x1},{y1}),({x2},{y2})" + BOX_TAGS[1]
-            else:
-                raise ValueError(
-                    f"Unsupported list_format element {name} = {element!r}: use {{'image': path}}, {{'text': text}} or "
-                    "{'ref': phrase, 'box': [[x1, y1, x2, y2], ...]}"
-                )
-        return text
+        """The official list format to a query, with this tokenizer's image span (`text_format.from_list_format`)."""
+        return from_list_format(list_format, self.image_span_length)
 
     def to_list_format(self, text: str) -> list[dict[str, str]]:
-        """
-        Split text at closed `<img>`, `<ref>`, `<box>`, `<quad>` pairs into `{"image"|"ref"|"box"|"quad": content}`
-        elements, the text between them into `{"text": ...}` elements, as the official helper does (lenient: tags
-        are not validated, box contents stay strings). It inverts `from_list_format` up to that helper's markup: an
-        image comes back as `{"text": "Picture N:"}, {"image": path}, {"text": "\\n"}` (texts merged with their
-        neighbours), a box as its string `"(x1,y1),(x2,y2)"`, and texts in NFC.
-        """
-        if not isinstance(text, str):
-            raise TypeError(f"to_list_format expects a str, got {type(text).__name__}")
-        text = unicodedata.normalize("NFC", text)
-        kinds = {IMAGE_TAGS: "image", REF_TAGS: "ref", BOX_TAGS: "box", QUAD_TAGS: "quad"}
-        elements = []
-        position = 0
-        while True:
-            found = [(text.find(tags[0], position), tags) for tags in kinds]
-            found = [(start, tags) for start, tags in found if start != -1]
-            if not found:
-                break
-            start, tags = min(found)
-            end = text.find(tags[1], start + len(tags[0]))
-            if end == -1:
-                raise ValueError(f"Unclosed {tags[0]} at character {start}: close it with {tags[1]}")
-            if start > position:
-                elements.append({"text": text[position:start]})
-            elements.append({kinds[tags]: text[start + len(tags[0]) : end]})
-            position = end + len(tags[1])
-        if position < len(text):
-            elements.append({"text": text[position:]})
-        return elements
+        """A text split into official list-format elements (`text_format.to_list_format`)."""
+        return to_list_format(text)
 
 
 def _pieces(text: str) -> list[str]:
@@ -785,28 +640,3 @@ def _find(ids: list[int], token_id: int, start: int) -> int:
         return ids.index(token_id, start)
     except ValueError:
         return -1
-
-
-def _is_box(box) -> bool:
-    """Whether `box` is a sequence of 4 integers (bools excluded)."""
-    return (
-        isinstance(box, (list, tuple))
-        and len(box) == 4
-        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in box)
-    )
-
-
-def _check_plain(value: str, name: str) -> None:
-    """A path or ref may hold no multimodal tag, nor start with a mark that NFC merges into the tag before it."""
-    if match := _MARKUP_TAG.search(value):
-        raise ValueError(f"{name} contains the tag {match.group()}: remove it (tags cannot appear inside {name})")
-    _check_after_tag(value, name)
-
-
-def _check_after_tag(value: str, name: str) -> None:
-    """`value` follows a tag's '>': NFC must not merge its first characters into that '>' (e.g. U+0338 gives U+226F)."""
-    if value and unicodedata.normalize("NFC", ">" + value)[0] != ">":
-        raise ValueError(
-            f"{name} starts with {value[0]!r}, which Unicode normalisation (NFC) merges into the '>' of the tag before "
-            "it, breaking the markup: start it with another character (e.g. a space)"
-        )

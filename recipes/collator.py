@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import TrainerCallback
 
-from .data import BadRecordError, Example, load_image
+from .data import BadRecordError, Example, load_record_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class QwenVLDataCollator:
             causal mask (transformers' `create_causal_mask`) keeps packed examples from attending to each other; the
             first label of each example is -100 so no example predicts the next one's first token. Padding at the
             end of a row is one more such segment, all labels -100. `per_device_train_batch_size` then counts
-            examples, not rows.
+            examples, not rows. Hand-written: TRL's packing (`pack_dataset`) packs token sequences of a dataset,
+            while here each example brings its images, which must stay in row order with their spans.
         image_root (`str`, *optional*): Directory that relative image paths are resolved against; images outside it
             (`../`, absolute paths elsewhere, symlinks leaving it) are skipped as `outside_image_root`.
         allow_images_outside_root (`bool`): Open images outside `image_root` too (trusted data only).
@@ -133,9 +135,8 @@ class QwenVLDataCollator:
             example = self.render(record, self.tokenizer)
         except (TypeError, AttributeError, KeyError, IndexError) as error:  # a record of a shape the renderer missed
             raise BadRecordError("malformed", f"{type(error).__name__}: {error}") from None
-        images = [
-            load_image(reference, self.image_root, self.allow_images_outside_root) for reference in example.images
-        ]
+        root, outside = self.image_root, self.allow_images_outside_root
+        images = [load_record_image(reference, root, outside) for reference in example.images]
         inputs = {}
         if example.text:  # empty for pure-text examples, whose whole text is the completion
             try:
@@ -183,16 +184,12 @@ class QwenVLDataCollator:
             logger.debug("Skipping a bad record (%s)", error)
 
     def _pad(self, examples: list[EncodedExample]) -> dict[str, torch.Tensor]:
-        width = max(len(example.input_ids) for example in examples)
-        input_ids = torch.full((len(examples), width), self.tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX)
-        for row, example in enumerate(examples):
-            length = len(example.input_ids)
-            input_ids[row, :length] = torch.tensor(example.input_ids)
-            attention_mask[row, :length] = 1
-            labels[row, :length] = torch.tensor(example.labels)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        """Right-padded rows (padding positions: `pad_token_id`, attention 0, label -100)."""
+        batch = {
+            "input_ids": _right_pad([e.input_ids for e in examples], self.tokenizer.pad_token_id),
+            "attention_mask": _right_pad([[1] * len(e.input_ids) for e in examples], 0),
+            "labels": _right_pad([e.labels for e in examples], IGNORE_INDEX),
+        }
         return self._add_images(batch, examples)
 
     def _pack(self, examples: list[EncodedExample]) -> dict[str, torch.Tensor]:
@@ -209,21 +206,17 @@ class QwenVLDataCollator:
                 rows.append([example])
             else:
                 row.append(example)
-        width = max(sum(len(e.input_ids) for e in row) for row in rows)
         input_ids, labels, position_ids = [], [], []
         for row in rows:
-            ids, row_labels, positions = [], [], []
-            for example in row:
-                ids += example.input_ids
-                row_labels += [IGNORE_INDEX, *example.labels[1:]]
-                positions += range(len(example.input_ids))
-            padding = width - len(ids)
-            input_ids.append(ids + [self.tokenizer.pad_token_id] * padding)
-            labels.append(row_labels + [IGNORE_INDEX] * padding)
-            position_ids.append(positions + list(range(padding)))
+            input_ids.append([token for example in row for token in example.input_ids])
+            labels.append([label for example in row for label in (IGNORE_INDEX, *example.labels[1:])])
+            position_ids.append([position for example in row for position in range(len(example.input_ids))])
+        width = max(map(len, input_ids))
+        # Padding continues the positions from 0, so that it reads as one more (masked-out) packed example.
+        position_ids = [positions + list(range(width - len(positions))) for positions in position_ids]
         batch = {
-            "input_ids": torch.tensor(input_ids),
-            "labels": torch.tensor(labels),
+            "input_ids": _right_pad(input_ids, self.tokenizer.pad_token_id),
+            "labels": _right_pad(labels, IGNORE_INDEX),
             "position_ids": torch.tensor(position_ids),
         }
         return self._add_images(batch, [example for row in rows for example in row])
@@ -235,6 +228,12 @@ class QwenVLDataCollator:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
         return batch
+
+
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """[len(rows), longest] LongTensor of `rows` padded on the right with `value`."""
+    tensors = [torch.tensor(row, dtype=torch.long) for row in rows]
+    return pad_sequence(tensors, batch_first=True, padding_value=value, padding_side="right")
 
 
 class SkippedRecordsCallback(TrainerCallback):

@@ -12,7 +12,6 @@ Record formats:
   messages+images (`{"messages": [{"role", "content": [{"type": "image"}, {"type": "text", "text"}]}], "images"}`).
 """
 
-import io
 import os
 import string
 from dataclasses import dataclass, field
@@ -21,10 +20,16 @@ from glob import glob
 import datasets
 import PIL.Image
 
-from modeling_qwen_vl import box_to_text
-from modeling_qwen_vl.image_processing_qwen_vl import _open_rgb
-from modeling_qwen_vl.processing_qwen_vl import EMPTY_IMAGE_SPAN, IMAGE_SPAN
-from modeling_qwen_vl.tokenization_qwen_vl import check_markup as _check_markup
+from modeling_qwen_vl.image_processing_qwen_vl import load_image
+from modeling_qwen_vl.text_format import (
+    EMPTY_IMAGE_SPAN,
+    IM_END,
+    IM_START,
+    IMAGE_SPAN,
+    IMAGE_TAGS,
+    check_markup,
+    grid_box_text,
+)
 
 from .formats import EOS, TASK_FORMATS
 
@@ -33,7 +38,7 @@ IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("caption", "txt", "text")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 # Special tokens that only the templates may write: in record text they would corrupt the format and the labels.
-RESERVED_TOKENS = ("<|im_start|>", "<|im_end|>", EOS)
+RESERVED_TOKENS = (IM_START, IM_END, EOS)
 
 
 class BadRecordError(ValueError):
@@ -60,10 +65,10 @@ class Example:
     task: str = "chat"
 
 
-def check_markup(text: str) -> None:
-    """Raise `BadRecordError` unless every `<img>`, `<ref>`, `<box>`, `<quad>` is closed before the next one opens."""
+def _check_record_markup(text: str) -> None:
+    """`text_format.check_markup`, failing as a `malformed` `BadRecordError`."""
     try:
-        _check_markup(text, repr(text[:120]))
+        check_markup(text, repr(text[:120]))
     except ValueError as error:
         raise BadRecordError("malformed", str(error)) from None
 
@@ -75,12 +80,13 @@ def _check_text(value, what: str) -> str:
     reserved = [token for token in RESERVED_TOKENS if token in value]
     if reserved:
         raise BadRecordError("malformed", f"{what} contains the reserved token(s) {reserved}")
-    check_markup(value)
+    _check_record_markup(value)
     return value
 
 
 def _fill(template: str, record: dict, task: str) -> str:
-    """`template` with its `{field}`s taken from `record` (`box` is written as `<box>(x1,y1),(x2,y2)</box>`)."""
+    """`template` with its `{field}`s taken from `record`; `box` is a box on the 0-1000 grid, which must hold
+    (`text_format.grid_box_text`), written as `<box>(x1,y1),(x2,y2)</box>`."""
     values = {}
     for _, name, _, _ in string.Formatter().parse(template):
         if name is None:
@@ -89,12 +95,12 @@ def _fill(template: str, record: dict, task: str) -> str:
             raise BadRecordError("malformed", f"task {task!r} needs the field {name!r}")
         if name == "box":
             try:
-                values[name] = box_to_text(record[name])
-            except (TypeError, ValueError) as error:
+                values[name] = grid_box_text(record[name])
+            except ValueError as error:
                 raise BadRecordError("malformed", f"bad box {record[name]!r}: {error}") from None
         else:
             values[name] = _check_text(record[name], f"field {name!r}")
-            if "<img>" in values[name]:
+            if IMAGE_TAGS[0] in values[name]:
                 raise BadRecordError("malformed", f"field {name!r} contains an image span; images go in 'image'")
     return template.format(**values)
 
@@ -102,7 +108,9 @@ def _fill(template: str, record: dict, task: str) -> str:
 def _check_record(record) -> dict:
     """A record must be a mapping (a JSON object); anything else (None, a list, a number) is malformed."""
     if not isinstance(record, dict):
-        raise BadRecordError("malformed", f"a record must be a JSON object, got {type(record).__name__}: {record!r:.80}")
+        raise BadRecordError(
+            "malformed", f"a record must be a JSON object, got {type(record).__name__}: {record!r:.80}"
+        )
     return record
 
 
@@ -118,12 +126,12 @@ def render_task(record: dict, tokenizer=None) -> Example:
     if not isinstance(task, str) or task not in TASK_FORMATS:
         raise BadRecordError("malformed", f"unknown task {task!r}; expected one of {sorted(TASK_FORMATS)}")
     prompt, completion = TASK_FORMATS[task]
-    images = [record.get("image")] * prompt.count("<img>")
+    images = [record.get("image")] * prompt.count(IMAGE_TAGS[0])
     if None in images:
         raise BadRecordError("missing_image", f"task {task!r} needs the field 'image'")
     text = _fill(prompt, record, task)
     completion = _fill(completion, record, task) + EOS
-    check_markup(text + completion)
+    _check_record_markup(text + completion)
     return Example(text=text, images=images, completion=completion, task=task)
 
 
@@ -193,16 +201,18 @@ def render_dialogue(record: dict, tokenizer) -> Example:
     if "assistant" not in roles or "system" in roles[1:]:
         raise BadRecordError("malformed", f"roles {roles}: need an assistant reply and at most a leading system")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    check_markup(text)
-    if text.count("<img>") != len(images):
-        raise BadRecordError("malformed", f"{text.count('<img>')} image spans but {len(images)} images")
+    _check_record_markup(text)
+    if (spans := text.count(IMAGE_TAGS[0])) != len(images):
+        raise BadRecordError("malformed", f"{spans} image spans but {len(images)} images")
     return Example(text=text, images=images)
 
 
-def load_image(
+def load_record_image(
     reference, image_root: str | None = None, allow_outside_image_root: bool = False
 ) -> PIL.Image.Image:
-    """Open an image reference (path, `{"bytes", "path"}` dict, PIL image) as RGB, fully decoded.
+    """Open a record's image reference (path, `{"bytes", "path"}` dict, PIL image) as RGB, fully decoded, with
+    `image_processing_qwen_vl.load_image`; what this adds is the record policy: where paths may point, and which
+    `BadRecordError` reason each failure is.
 
     Relative paths are resolved against `image_root`. With an `image_root`, only files inside it are opened: a path
     that leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is refused as `outside_image_root`
@@ -214,7 +224,7 @@ def load_image(
     if isinstance(reference, dict) and reference.get("bytes"):
         if not isinstance(reference["bytes"], (bytes, bytearray)):
             raise BadRecordError("malformed", f"image 'bytes' must be bytes, got {type(reference['bytes']).__name__}")
-        source = io.BytesIO(reference["bytes"])
+        source = bytes(reference["bytes"])
     else:
         source = reference.get("path") if isinstance(reference, dict) else reference
         if not isinstance(source, str) or not source:
@@ -225,9 +235,8 @@ def load_image(
             source = _inside_root(source, image_root, allow_outside_image_root)
         if not os.path.isfile(source):
             raise BadRecordError("missing_image", f"no image file {source!r}")
-    where = "image bytes" if isinstance(source, io.BytesIO) else repr(source)
     try:
-        return _open_rgb(source, where)  # decodes every pixel: truncated files fail here, not in the model
+        return load_image(source)  # decodes every pixel: truncated files fail here, not in the model
     except ValueError as error:
         raise BadRecordError("corrupt_image", str(error)) from None
 

@@ -9,7 +9,9 @@ Stage 1 (pre-training) uses the `caption` format; stage 2 (multi-task pre-traini
 uses the ChatML template of the tokenizer instead.
 """
 
-EOS = "<|endoftext|>"
+from modeling_qwen_vl.text_format import ENDOFTEXT
+
+EOS = ENDOFTEXT  # ends every completion, as in the official pre-training data
 
 TASK_FORMATS: dict[str, tuple[str, str]] = {
     # image captioning: {"image", "caption"}

@@ -1,4 +1,4 @@
-"""Parameter groups of Qwen-VL and the groups each training stage updates (paper §3, SPEC §7), in one place.
+"""Parameter groups of Qwen-VL and the groups each training stage updates (paper §3), in one place.
 
 Groups are defined by official parameter-name prefixes, checked in order (the first match wins):
 - `adapter`: the position-aware cross-attention adapter (`transformer.visual.attn_pool.*`, `ln_post`, `proj`);

@@ -1,23 +1,27 @@
 """`qwen-vl train pretrain|multitask|sft`: the three training stages of Qwen-VL on transformers' `Trainer`.
 
-    qwen-vl train sft --config recipes/configs/sft.yaml --model Qwen/Qwen-VL-Chat --data train.json --output_dir out
-    accelerate launch --config_file recipes/accelerate/zero2.yaml -m recipes.train sft --config ...
+    qwen-vl train sft --config sft --model Qwen/Qwen-VL-Chat --data train.json --output_dir out
+    accelerate launch --config_file recipes/accelerate/zero2.yaml -m qwen_vl.recipes.train sft --config ...
 
 Options come from `ModelArguments` (TRL's `ModelConfig`: model, dtype, attention, LoRA and QLoRA), `RecipeArguments`
 (data and stage settings) and transformers' `TrainingArguments`. The YAML file given by `--config` sets them and
-command-line flags override it (TRL's `TrlParser`). Each run ends with a Hub-ready directory in `output_dir` (model,
-remote code, `qwen.tiktoken`, processor configs; an adapter with `--use_peft`) that the next stage takes as `--model`.
+command-line flags override it (TRL's `TrlParser`); `--config NAME` with NAME a shipped config (`sft`, `sft_lora`,
+`tiny/sft`, ...; package data under `recipes/configs/`) uses that file. Each run ends with a Hub-ready directory in
+`output_dir` (model, remote code, `qwen.tiktoken`, processor configs; an adapter with `--use_peft`) that the next stage
+takes as `--model`.
 
-Checkpoints are written atomically (`recipes.trainer.RecipeTrainer`): a run killed at any point resumes with
+Checkpoints are written atomically (`qwen_vl.recipes.trainer.RecipeTrainer`): a run killed at any point resumes with
 `--resume_from_checkpoint true` from its last complete checkpoint. A NaN or infinite training loss stops the run with
-`recipes.trainer.NonFiniteLossError` before the optimizer applies it, so no checkpoint holds the bad weights.
+`qwen_vl.recipes.trainer.NonFiniteLossError` before the optimizer applies it, so no checkpoint holds the bad weights.
 """
 
 import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from importlib.resources import as_file, files
 
 import datasets
 import torch
@@ -56,7 +60,25 @@ STAGES = {
     "multitask": Stage(render=render_task, image_size=448, packing=True),
     "sft": Stage(render=render_dialogue, image_size=448, packing=False),
 }
-USAGE = f"usage: qwen-vl train {{{','.join(STAGES)}}} [--config FILE.yaml] [--model PATH] [--data FILE ...] [flags]"
+USAGE = (
+    f"usage: qwen-vl train {{{','.join(STAGES)}}} [--config FILE.yaml|NAME] [--model PATH] [--data FILE ...] [flags]"
+)
+SHIPPED_CONFIGS = files(__package__) / "configs"
+
+
+def shipped_config(name: str):
+    """The shipped stage config `name` (`"sft"`, `"tiny/sft"`, ...) as an `importlib.resources` file, or None."""
+    resource = SHIPPED_CONFIGS.joinpath(*f"{name.removesuffix('.yaml')}.yaml".split("/"))
+    return resource if resource.is_file() else None
+
+
+def _with_shipped_config(argv: list[str], stack: ExitStack) -> list[str]:
+    """`argv` with a `--config NAME` that is no file here but names a shipped config replaced by that file's path."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--config" and not os.path.isfile(argv[i + 1]) and (resource := shipped_config(argv[i + 1])):
+            argv[i + 1] = str(stack.enter_context(as_file(resource)))
+    return argv
 
 
 @dataclass
@@ -165,7 +187,7 @@ def save_merged(model_args: ModelArguments, adapter_dir: str, processor: QwenVLP
 def _setup_logging(training_args: TrainingArguments):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[logging.StreamHandler()])
     level = training_args.get_process_log_level()
-    logging.getLogger("recipes").setLevel(level)
+    logging.getLogger(__package__).setLevel(level)
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
 
@@ -176,7 +198,8 @@ def run(argv: list[str]) -> RecipeTrainer:
         raise ValueError(f"The first argument must be a stage among {', '.join(STAGES)}, got {argv[:1]}.")
     stage_name, stage = argv[0], STAGES[argv[0]]
     parser = TrlParser((ModelArguments, RecipeArguments, TrainingArguments))
-    model_args, recipe, training_args = parser.parse_args_and_config(argv[1:])
+    with ExitStack() as stack:
+        model_args, recipe, training_args = parser.parse_args_and_config(_with_shipped_config(argv[1:], stack))
     if not model_args.model_name_or_path:
         raise ValueError("No starting checkpoint: pass --model (a Hub id or a directory) or set it in the config.")
     image_size = recipe.image_size or stage.image_size
@@ -195,9 +218,7 @@ def run(argv: list[str]) -> RecipeTrainer:
     _setup_logging(training_args)
     set_seed(training_args.seed)
 
-    processor = load_processor(
-        recipe.tokenizer or model_args.model_name_or_path, image_size, model_args.model_revision
-    )
+    processor = load_processor(recipe.tokenizer or model_args.model_name_or_path, image_size, model_args.model_revision)
     model = load_model(model_args)
     model.config.visual["image_size"] = image_size  # the vision positional table is resized at run time
     if model_args.use_peft:  # PEFT freezes everything but the adapters (and `modules_to_save`)

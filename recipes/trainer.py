@@ -3,7 +3,8 @@
 Checkpoints are written under `<output_dir>/_tmp_checkpoints/checkpoint-N` and renamed to `<output_dir>/checkpoint-N`
 once every process has written its files, so a run killed while saving never leaves a partial `checkpoint-N` for
 `--resume_from_checkpoint true` (transformers' `get_last_checkpoint`) to pick. What a killed save leaves in
-`_tmp_checkpoints` is ignored by resuming and deleted at the next save.
+`_tmp_checkpoints` is ignored by resuming and deleted at the next save. Hand-written because transformers' `Trainer`
+writes a checkpoint's files in place, one after another.
 """
 
 import os

@@ -22,10 +22,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import os
-import re
 import threading
 import time
 import uuid
@@ -42,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from modeling_qwen_vl import parse_grounding
-from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, decode_image, load_image
+from modeling_qwen_vl.image_processing_qwen_vl import REMOTE_IMAGE_MAX_BYTES, load_image
+from modeling_qwen_vl.text_format import IMAGE_TAG
 
 from .loading import load_model, model_parser, reply_end_ids
 
@@ -111,9 +110,7 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
                 raise ValueError("data: URLs must be base64 encoded (data:image/png;base64,...)")
             if len(payload) * 3 // 4 > REMOTE_IMAGE_MAX_BYTES:
                 raise ValueError(f"it is larger than {REMOTE_IMAGE_MAX_BYTES} bytes (the limit of remote images too)")
-            data = base64.b64decode(payload, validate=True)
-            image = PIL.Image.open(io.BytesIO(data))
-            return decode_image(image, f"image {param}").convert("RGB")
+            return load_image(base64.b64decode(payload, validate=True))
         if url.startswith(("http://", "https://")):
             if not config.allow_remote_images:
                 raise APIError(
@@ -134,7 +131,9 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
         root = os.path.realpath(config.image_root)
         resolved = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, resolved]) != root:
-            raise APIError(f"{param}: {path!r} is outside the server's --image-root.", param=param, code="image_outside_root")
+            raise APIError(
+                f"{param}: {path!r} is outside the server's --image-root.", param=param, code="image_outside_root"
+            )
         return load_image(resolved)
     except APIError:
         raise
@@ -145,12 +144,9 @@ def _open_image(url: str, param: str, config: ServerConfig) -> PIL.Image.Image:
 # Image tags in message text are refused: images come only from image_url items (never from a path in the text).
 # ChatML control tokens typed in text stay plain text, as in the official `make_context` (the processor's chat
 # template sanitizes them), so they need no check here.
-_REFUSED_TEXT = re.compile(r"</?img>")
-
-
 def _check_text(text: str, param: str) -> str:
-    """Refuse `<img>`/`</img>` in message text (see `_REFUSED_TEXT`)."""
-    found = _REFUSED_TEXT.search(text)
+    """Refuse `<img>`/`</img>` in message text."""
+    found = IMAGE_TAG.search(text)
     if found:
         raise APIError(
             f"{param}: text may not contain {found.group()!r} (image tags are refused); send images as image_url "
@@ -166,7 +162,9 @@ def _template_messages(request: ChatCompletionRequest, config: ServerConfig) -> 
     messages, images = [], []
     for m, message in enumerate(request.messages):
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": message.role, "content": _check_text(message.content or "", f"messages[{m}].content")})
+            messages.append(
+                {"role": message.role, "content": _check_text(message.content or "", f"messages[{m}].content")}
+            )
             continue
         items = []
         for i, item in enumerate(message.content):
@@ -211,7 +209,9 @@ class Job:
     sampling: tuple  # (do_sample, temperature, top_p, seed): only jobs with equal keys share a batch
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("delta", row, text) ... ("done", rows) / ("error", message)
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("delta", row, text) ... ("done", rows) / ("error", message)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, *event) -> None:
@@ -348,7 +348,9 @@ class Batcher:
         do_sample, temperature, top_p, seed = batch[0].sampling
         sampling = {"do_sample": do_sample}
         if do_sample:
-            sampling.update({key: value for key, value in (("temperature", temperature), ("top_p", top_p)) if value is not None})
+            sampling.update(
+                {key: value for key, value in (("temperature", temperature), ("top_p", top_p)) if value is not None}
+            )
             if seed is not None:
                 torch.manual_seed(seed)
         else:
@@ -398,7 +400,10 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "qwen-vl"}]}
+        return {
+            "object": "list",
+            "data": [{"id": config.model_name, "object": "model", "created": 0, "owned_by": "qwen-vl"}],
+        }
 
     def prepare(request: ChatCompletionRequest, loop) -> tuple[Job, list]:
         """Validate `request` and build its job (runs in a worker thread: images may be fetched)."""
@@ -410,7 +415,9 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
                 code="model_not_found",
             )
         if request.n > config.max_batch_size:
-            raise APIError(f"n={request.n} is more than this server's --max-batch-size ({config.max_batch_size}).", param="n")
+            raise APIError(
+                f"n={request.n} is more than this server's --max-batch-size ({config.max_batch_size}).", param="n"
+            )
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > 4 or not all(stop):
             raise APIError("stop must be a non-empty string or a list of at most 4 non-empty strings.", param="stop")
@@ -444,8 +451,14 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
         if not images or not parse_grounding(text):
             return None
         return [
-            {"image": index, "width": image.width, "height": image.height,
-             "boxes": [{**box, "box": list(box["box"])} for box in processor.post_process_grounding(text, image.size)]}
+            {
+                "image": index,
+                "width": image.width,
+                "height": image.height,
+                "boxes": [
+                    {**box, "box": list(box["box"])} for box in processor.post_process_grounding(text, image.size)
+                ],
+            }
             for index, image in enumerate(images)
         ]
 
@@ -459,8 +472,11 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
 
         def usage(rows) -> dict:
             completion = sum(len(row.tokens) for row in rows)
-            return {"prompt_tokens": len(job.input_ids), "completion_tokens": completion,
-                    "total_tokens": len(job.input_ids) + completion}
+            return {
+                "prompt_tokens": len(job.input_ids),
+                "completion_tokens": completion,
+                "total_tokens": len(job.input_ids) + completion,
+            }
 
         if request.stream:
             return StreamingResponse(stream(job, base, usage, request), media_type="text/event-stream")
@@ -486,7 +502,9 @@ def create_app(model, processor, config: ServerConfig) -> FastAPI:
             boxes = grounding(row.text, images)
             if boxes is not None:
                 message["grounding"] = boxes
-            choices.append({"index": row.index, "message": message, "finish_reason": row.finish_reason, "logprobs": None})
+            choices.append(
+                {"index": row.index, "message": message, "finish_reason": row.finish_reason, "logprobs": None}
+            )
         return {**base, "object": "chat.completion", "choices": choices, "usage": usage(rows)}
 
     async def stream(job: Job, base: dict, usage, request: ChatCompletionRequest):

@@ -18,15 +18,14 @@ from transformers import TextIteratorStreamer
 
 from modeling_qwen_vl import draw_grounding, parse_grounding
 from modeling_qwen_vl.image_processing_qwen_vl import load_image
+from modeling_qwen_vl.text_format import CHAT_STOP_TOKENS
 
 from .loading import load_model, model_parser, reply_end_ids
-
-CONTROL_TOKENS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 
 def _visible(text: str) -> str:
     """Generated text without ChatML control tokens; grounding tags stay (escaped, so Markdown shows them)."""
-    for token in CONTROL_TOKENS:
+    for token in CHAT_STOP_TOKENS:
         text = text.split(token)[0]
     return text.strip()
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration, QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
+from modeling_qwen_vl import (
+    QwenVLConfig,
+    QwenVLForConditionalGeneration,
+    QwenVLImageProcessor,
+    QwenVLProcessor,
+    QwenVLTokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Where is the red square?"
@@ -49,7 +55,8 @@ def _build_repo(directory: Path, vocab_file: Path, steps: int) -> Path:
     model = QwenVLForConditionalGeneration(config)
     size = visual["image_size"]
     processor = QwenVLProcessor(
-        QwenVLImageProcessor(size={"height": size, "width": size}), QwenVLTokenizer(str(vocab_file), image_span_length=4)
+        QwenVLImageProcessor(size={"height": size, "width": size}),
+        QwenVLTokenizer(str(vocab_file), image_span_length=4),
     )
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
@@ -71,8 +78,11 @@ def _build_repo(directory: Path, vocab_file: Path, steps: int) -> Path:
     model.eval()
     tokenizer = processor.tokenizer
     model.generation_config.update(
-        chat_format="chatml", eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
-        pad_token_id=tokenizer.eod_id, do_sample=False, max_new_tokens=64,
+        chat_format="chatml",
+        eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
+        pad_token_id=tokenizer.eod_id,
+        do_sample=False,
+        max_new_tokens=64,
     )
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -87,10 +97,12 @@ def cli_server(subcommand: str, repo: Path, *args: str, ready_path: str = "/", t
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {
-        **os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    command = [sys.executable, str(ROOT / "qwen_vl_cli.py"), subcommand, str(repo), "--port", str(port), *args]
+    command = [sys.executable, "-m", "qwen_vl.cli", subcommand, str(repo), "--port", str(port), *args]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -99,7 +111,9 @@ def cli_server(subcommand: str, repo: Path, *args: str, ready_path: str = "/", t
             while True:
                 if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise AssertionError(f"qwen-vl {subcommand} did not answer within {timeout} s:\n{log.read()[-3000:]}")
+                    raise AssertionError(
+                        f"qwen-vl {subcommand} did not answer within {timeout} s:\n{log.read()[-3000:]}"
+                    )
                 try:
                     with urllib.request.urlopen(url + ready_path, timeout=5) as response:
                         if response.status == 200:

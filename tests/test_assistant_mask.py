@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_ST
-from recipes.collator import IGNORE_INDEX, assistant_labels
+from modeling_qwen_vl.text_format import IMAGE_ST
+from qwen_vl.recipes.collator import IGNORE_INDEX, assistant_labels
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,19 @@ def test_processor_assistant_masks_equal_the_recipes_labels(processor, tmp_path,
     first = [
         {"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "What?"}]},
         {"role": "assistant", "content": "A blue <|im_end|> box."},
-        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (8, 8))}, {"type": "text", "text": "Or?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": Image.new("RGB", (8, 8))}, {"type": "text", "text": "Or?"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "  Black."}]},
     ]
     second = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     out = processor.apply_chat_template(
-        [first, second], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+        [first, second],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        return_tensors="pt",
         processor_kwargs={"padding": True, "padding_side": padding_side},
     )
     assert out["pixel_values"].shape[0] == 2 and "offset_mapping" not in out

@@ -11,7 +11,9 @@ def greedy_reply(model, processor, messages, max_new_tokens):
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=prompt, return_tensors="pt")
     stops = [tok.im_end_id, tok.im_start_id, tok.eod_id]
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.eod_id)
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.eod_id
+    )
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
     return tok.decode(new).strip()
@@ -22,7 +24,15 @@ def test_chat_signature_matches_official():
 
     params = list(inspect.signature(QwenVLForConditionalGeneration.chat).parameters)
     assert params[:9] == [
-        "self", "tokenizer", "query", "history", "system", "append_history", "stream", "stop_words_ids", "generation_config"
+        "self",
+        "tokenizer",
+        "query",
+        "history",
+        "system",
+        "append_history",
+        "stream",
+        "stop_words_ids",
+        "generation_config",
     ]
 
 

@@ -12,15 +12,15 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from safetensors.torch import load_file, save_file
 
-import qwen_vl_cli
-from hub_upload.convert_openclip import (
+from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
+from modeling_qwen_vl.modeling_qwen_vl import QwenVLVisionTransformer, resize_grid_embedding
+from qwen_vl import cli
+from qwen_vl.hub_upload.convert_openclip import (
     ADAPTER_PREFIXES,
     build_stage1_checkpoint,
     interleave_qkv_per_head,
     vision_state_dict_from_open_clip,
 )
-from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
-from modeling_qwen_vl.modeling_qwen_vl import QwenVLVisionTransformer, resize_grid_embedding
 from tests.conftest import TINY_CONFIG
 
 WIDTH, LAYERS, HEADS, PATCH = 64, 2, 4, 14
@@ -256,7 +256,7 @@ def test_cli_convert_openclip(tmp_path, qwen_lm_dir, capsys):
         "--out",
         str(tmp_path / "out"),
     ]
-    assert qwen_vl_cli.main(argv) == 0
+    assert cli.main(argv) == 0
 
     assert "Saved the stage-1 checkpoint" in capsys.readouterr().out
     saved = load_file(tmp_path / "out" / "model.safetensors")

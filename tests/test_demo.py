@@ -1,20 +1,14 @@
-"""`qwen-vl demo --fast`: the whole pipeline at toy size, its artifacts, and a grounding answer from its checkpoint."""
+"""`qwen-vl demo --fast`: the whole pipeline at toy size, its artifacts, and a grounding answer from its checkpoint.
+
+The run itself is the `demo_out` fixture (conftest.py): the installed wheel's `qwen-vl demo --fast`."""
 
 import base64
 import json
 
-import pytest
 import torch
 
-from demo.run import STAGE0, STAGES, main
-from demo.world import load_scenes
-
-
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_out")
-    assert main(["--out", str(out), "--fast"]) == 0
-    return out
+from qwen_vl.demo.run import STAGE0, STAGES
+from qwen_vl.demo.world import load_scenes
 
 
 def test_artifacts(demo_out):
@@ -66,10 +60,10 @@ def test_checkpoint_loads_in_pipeline(demo_out):
 
 
 def test_cli_lists_demo():
-    import qwen_vl_cli
+    from qwen_vl import cli
 
-    assert qwen_vl_cli.SUBCOMMANDS["demo"] == "demo.run:main"
-    assert qwen_vl_cli.SUBCOMMANDS["eval"] == "recipes.evaluate:main"
+    assert cli.SUBCOMMANDS["demo"] == "qwen_vl.demo.run:main"
+    assert cli.SUBCOMMANDS["eval"] == "qwen_vl.recipes.evaluate:main"
 
 
 def test_stage0_checkpoints_are_what_users_convert(demo_out):
@@ -77,7 +71,7 @@ def test_stage0_checkpoints_are_what_users_convert(demo_out):
     import open_clip
     from safetensors.torch import load_file
 
-    from hub_upload.convert_openclip import vision_state_dict_from_open_clip
+    from qwen_vl.hub_upload.convert_openclip import vision_state_dict_from_open_clip
 
     lm = load_file(demo_out / "stages" / "stage0_lm" / "model.safetensors")
     assert "transformer.wte.weight" in lm and not any(k.startswith("transformer.visual.") for k in lm)
@@ -96,8 +90,8 @@ def test_checkpoint_answers_a_grounding_prompt_with_a_box(demo_out):
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    from demo.world import grounding_prompt
     from modeling_qwen_vl import parse_grounding
+    from qwen_vl.demo.world import grounding_prompt
 
     model = AutoModelForCausalLM.from_pretrained(demo_out / "checkpoint")
     processor = AutoProcessor.from_pretrained(demo_out / "checkpoint")

@@ -8,8 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from hub_upload.convert_official import convert_official
-from tests.test_hub_repo import write_official_checkpoint
+from qwen_vl.hub_upload.convert_official import convert_official
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 NO_STOP = dict(eos_token_id=None, pad_token_id=0)
@@ -36,7 +35,9 @@ def first_step_logits(model, batch, **generate_kwargs) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn_implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
-    "expansion", [dict(num_beams=3, do_sample=False), dict(num_return_sequences=2, do_sample=True)], ids=["beams", "copies"]
+    "expansion",
+    [dict(num_beams=3, do_sample=False), dict(num_return_sequences=2, do_sample=True)],
+    ids=["beams", "copies"],
 )
 def test_every_beam_and_copy_sees_its_own_images(tiny_model_factory, tiny_inputs, attn_implementation, expansion):
     model = tiny_model_factory(attn_implementation=attn_implementation).eval()
@@ -60,7 +61,9 @@ def test_text_only_row_beside_two_image_row_equals_rows_alone(tiny_model_factory
     for row in range(2):
         keep = batch["attention_mask"][row].bool()
         ids = batch["input_ids"][row][keep][None]
-        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=row_pixels[row], **greedy)
+        alone = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=row_pixels[row], **greedy
+        )
         assert batched.sequences[row, prompt_length:].tolist() == alone.sequences[0, ids.shape[1] :].tolist()
         torch.testing.assert_close(batched.logits[0][row], alone.logits[0][0], rtol=1e-4, atol=1e-4)
 
@@ -128,8 +131,10 @@ def test_beams_continue_a_cached_conversation_with_new_images(tiny_model_factory
         cache = model(input_ids=turn1, pixel_values=pixels1, use_cache=True).cache
     cache.batch_repeat_interleave(3)  # one cached prefix per beam
     got = first_step_logits(
-        model, dict(input_ids=conversation, attention_mask=torch.ones_like(conversation), pixel_values=pixels2),
-        num_beams=3, cache=cache,
+        model,
+        dict(input_ids=conversation, attention_mask=torch.ones_like(conversation), pixel_values=pixels2),
+        num_beams=3,
+        cache=cache,
     )
     torch.testing.assert_close(got, expected.expand(3, -1), rtol=1e-4, atol=1e-4)
 
@@ -175,8 +180,8 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_fresh_process_generate_hands_each_beam_and_turn_its_images(tmp_path, tiny_vocab_file):
-    official = write_official_checkpoint(tmp_path / "official", tiny_vocab_file)
+def test_fresh_process_generate_hands_each_beam_and_turn_its_images(tmp_path, official_checkpoint):
+    official = official_checkpoint(tmp_path / "official")
     repo = convert_official(official, tmp_path / "repo", repo_id="me/tiny-qwen-vl-chat")
     out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(repo)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,10 +10,9 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from hub_upload.convert_official import convert_official
 from modeling_qwen_vl import QwenVLForConditionalGeneration
+from qwen_vl.hub_upload.convert_official import convert_official
 
 AUTO_CLASSES = [
     "AutoConfig",
@@ -30,38 +29,9 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_official_checkpoint(source, tiny_vocab_file, **visual):
-    """A tiny checkpoint in the official layout: official config keys and auto_map, safetensors, qwen.tiktoken."""
-    from tests.conftest import TINY_CONFIG, TINY_IMAGE_START_ID
-    from modeling_qwen_vl import QwenVLConfig
-
-    # The vocabulary ends at `<imgpad>`: a random model then only generates ids the tokenizer can decode.
-    tiny = {**TINY_CONFIG, "vocab_size": TINY_IMAGE_START_ID + 3, "visual": {**TINY_CONFIG["visual"], **visual}}
-    torch.manual_seed(0)
-    model = QwenVLForConditionalGeneration(QwenVLConfig(**tiny))
-    source.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
-    config = dict(tiny)
-    config.update(
-        model_type="qwen",
-        architectures=["QWenLMHeadModel"],
-        auto_map={"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        tokenizer_type="QWenTokenizer",
-        use_flash_attn="auto",
-    )
-    (source / "config.json").write_text(json.dumps(config))
-    (source / "generation_config.json").write_text(
-        json.dumps({"chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
-                    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.5})
-    )
-    shutil.copy(tiny_vocab_file, source / "qwen.tiktoken")
-    return source
-
-
 @pytest.fixture(scope="module")
-def official_dir(tmp_path_factory, tiny_vocab_file):
-    return write_official_checkpoint(tmp_path_factory.mktemp("official"), tiny_vocab_file)
+def official_dir(tmp_path_factory, official_checkpoint):
+    return official_checkpoint(tmp_path_factory.mktemp("official"))
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +47,26 @@ def test_conversion_keeps_weights_and_writes_a_complete_repo(official_dir, repo_
     for target in config["auto_map"].values():
         module = (target[0] if isinstance(target, list) else target).split(".")[0]
         assert (repo_dir / f"{module}.py").is_file(), module
-    for name in ("qwen.tiktoken", "tokenizer_config.json", "processor_config.json", "generation_config.json", "README.md"):
+    for name in (
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "generation_config.json",
+        "README.md",
+    ):
         assert (repo_dir / name).is_file(), name
     generation = json.loads((repo_dir / "generation_config.json").read_text())
-    assert generation["top_p"] == 0.5 and generation["max_window_size"] == 6144 and generation["chat_format"] == "chatml"
+    assert (
+        generation["top_p"] == 0.5 and generation["max_window_size"] == 6144 and generation["chat_format"] == "chatml"
+    )
     card = (repo_dir / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "me/tiny-qwen-vl-chat" in card
 
 
-def test_conversion_of_an_adapter_without_kv_proj(tmp_path, tiny_vocab_file):
+def test_conversion_of_an_adapter_without_kv_proj(tmp_path, official_checkpoint):
     """ViT width == output_dim: the official adapter has `kv_proj = nn.Identity()`, so no `kv_proj.weight`."""
-    source = write_official_checkpoint(tmp_path / "official", tiny_vocab_file, width=128)
+    source = official_checkpoint(tmp_path / "official", width=128)
     with safe_open(source / "model.safetensors", "pt") as official:
         names = set(official.keys())
     assert "transformer.visual.attn_pool.ln_kv.weight" in names
@@ -129,7 +107,9 @@ FRESH_PROCESS = textwrap.dedent(
             result[auto.__name__] = model(**inputs).logits[0, -3:].tolist()
     result["generated"] = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0].tolist()
     pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
-    result["pipeline_text"] = pipe(images=image, text="Picture 1: <img></img>\\nhello", max_new_tokens=3, do_sample=False)
+    result["pipeline_text"] = pipe(
+        images=image, text="Picture 1: <img></img>\\nhello", max_new_tokens=3, do_sample=False
+    )
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hello"}]}]
     result["pipeline_chat"] = pipe(text=messages, max_new_tokens=3, do_sample=False)[0]["generated_text"][-1]["role"]
     print(json.dumps(result, default=str))

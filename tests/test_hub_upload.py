@@ -1,5 +1,5 @@
-"""`hub_upload.push`: directory checks, dry runs, pushes to a local fake Hub, token hygiene, and a full round trip
-(save -> push -> `from_pretrained(repo_id)` in a fresh process -> same logits)."""
+"""`qwen_vl.hub_upload.push`: directory checks, dry runs, pushes to a local fake Hub, token hygiene, and a full round
+trip (save -> push -> `from_pretrained(repo_id)` in a fresh process -> same logits)."""
 
 import json
 import logging
@@ -16,8 +16,9 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import save_file
 
-import qwen_vl_cli
-from hub_upload.push import push_to_hub, verify_repo_dir
+from qwen_vl import cli
+from qwen_vl.hub_upload.push import push_to_hub, verify_repo_dir
+from tests.conftest import run_installed
 from tests.fake_hub import FakeHub
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -222,27 +223,21 @@ def test_cli_push_reports_hub_errors_without_token(hub, model_dir, monkeypatch, 
     hub.fail_next(403, "/api/repos/create", echo_token=True)
     hub.fail_next(403, "/api/models/me/tiny")  # repo_info fallback after a 403 on create
     with pytest.raises(SystemExit) as exit_info:
-        qwen_vl_cli.main(["push", str(model_dir), "me/tiny"])
+        cli.main(["push", str(model_dir), "me/tiny"])
     assert exit_info.value.code == 1
     captured = capfd.readouterr()
     assert "qwen-vl push: error:" in captured.err and "403" in captured.err
     assert TOKEN not in captured.out + captured.err
 
 
-def test_cli_push_and_installed_console_script(hub, model_dir, monkeypatch, capsys):
+def test_cli_push_and_installed_console_script(hub, model_dir, monkeypatch, capsys, installed_wheel, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert (
-        qwen_vl_cli.main(["push", str(model_dir), "me/tiny", "--private", "--revision", "dev", "--message", "m"]) == 0
-    )
+    assert cli.main(["push", str(model_dir), "me/tiny", "--private", "--revision", "dev", "--message", "m"]) == 0
     assert hub.repos["me/tiny"].private and "config.json" in hub.repos["me/tiny"].files("dev")
     assert "Uploaded to " in capsys.readouterr().out
 
-    script = shutil.which("qwen-vl")
-    if script is None:
-        pytest.skip("qwen-vl console script not installed (pip install -e .)")
     requests_before = len(hub.requests)
-    result = subprocess.run([script, "push", str(model_dir), "me/other", "--dry-run"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = run_installed(installed_wheel, "qwen-vl", "push", str(model_dir), "me/other", "--dry-run", cwd=tmp_path)
     assert "Dry run: would upload" in result.stdout and "model.safetensors" in result.stdout
     assert len(hub.requests) == requests_before
 
@@ -304,13 +299,13 @@ def test_round_trip_from_pretrained_reproduces_logits(hub, tmp_path, tiny_model_
 
 
 def test_cli_dispatcher(capsys):
-    assert qwen_vl_cli.main(["--help"]) == 0
+    assert cli.main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert "push" in usage and "convert" in usage
-    assert qwen_vl_cli.main(["convert"]) == 2
+    assert cli.main(["convert"]) == 2
     assert "qwen-vl convert {openclip,official}" in capsys.readouterr().err
-    assert qwen_vl_cli.main(["nope"]) == 2
+    assert cli.main(["nope"]) == 2
     assert "unknown subcommand 'nope'" in capsys.readouterr().err
 
-    assert qwen_vl_cli.dispatch({"later": "hub_upload.not_written_yet:main"}, ["later"]) == 1
-    assert "hub_upload.not_written_yet is not part of this installation" in capsys.readouterr().err
+    assert cli.dispatch({"later": "qwen_vl.hub_upload.not_written_yet:main"}, ["later"]) == 1
+    assert "qwen_vl.hub_upload.not_written_yet is not part of this installation" in capsys.readouterr().err

@@ -96,7 +96,10 @@ def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path, name):
     source = fixtures_dir / name
     model, _ = load(source, "eager")
     model.save_pretrained(tmp_path)
-    with safe_open(source / "model.safetensors", "pt") as official, safe_open(tmp_path / "model.safetensors", "pt") as ours:
+    with (
+        safe_open(source / "model.safetensors", "pt") as official,
+        safe_open(tmp_path / "model.safetensors", "pt") as ours,
+    ):
         assert set(official.keys()) == set(ours.keys())
         for name in official.keys():
             assert torch.equal(official.get_tensor(name), ours.get_tensor(name)), name
@@ -104,7 +107,10 @@ def test_save_load_round_trip_is_bit_identical(fixtures_dir, tmp_path, name):
     assert not any(info.values())
     saved = json.loads((tmp_path / "config.json").read_text())
     official_config = json.loads((source / "config.json").read_text())
-    assert saved["model_type"] == "qwen" and saved["visual"]["image_start_id"] == official_config["visual"]["image_start_id"]
+    assert (
+        saved["model_type"] == "qwen"
+        and saved["visual"]["image_start_id"] == official_config["visual"]["image_start_id"]
+    )
 
 
 def test_fresh_adapter_table_equals_official(fixtures_dir):
@@ -136,7 +142,10 @@ def test_batched_generation_matches_single(tiny_model_factory, tiny_inputs):
         keep = batch["attention_mask"][row].bool()
         ids = batch["input_ids"][row][keep][None]
         single = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"][row : row + 1], **common
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=batch["pixel_values"][row : row + 1],
+            **common,
         )
         assert batched[row].tolist() == single[0, ids.shape[1] :].tolist()
 
@@ -177,7 +186,8 @@ def test_image_count_mismatch_names_both_counts(tiny_model_factory, tiny_inputs)
 
 
 def test_dynamic_ntk_alpha_is_kept_from_prefill(tiny_model_factory):
-    """Decoding past a power-of-two boundary keeps the prefill's alpha (SPEC §5) instead of recomputing it."""
+    """Decoding past a power-of-two boundary keeps the prefill's alpha instead of recomputing it, as the official model
+    does (its rotary embedding reuses the alpha cached at the last prefill)."""
     model = tiny_model_factory(seq_length=8, use_logn_attn=False).eval()
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
@@ -185,6 +195,65 @@ def test_dynamic_ntk_alpha_is_kept_from_prefill(tiny_model_factory):
         step = model(input_ids=ids[:, 8:], cache=prefill.cache)
         rescaled = model(input_ids=ids)  # 9 positions without a cache -> alpha 3
         unscaled = model.train()(input_ids=ids)  # training never rescales: alpha 1
-    assert prefill.cache.qwen_ntk_alpha == 1
+    assert model.transformer.context_scaling.prefill_alpha(prefill.cache) == 1
     torch.testing.assert_close(step.logits[:, -1], unscaled.logits[:, -1], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(step.logits[:, -1], rescaled.logits[:, -1], atol=1e-3)
+
+
+def test_hidden_states_and_attentions_are_recorded(tiny_model_factory, tiny_inputs):
+    """transformers' output capturing: layers + 1 hidden states (the last one after the final norm) and, with eager
+    attention, one [batch, heads, len, len] attention map per layer whose rows sum to 1; tuples on request."""
+    model = tiny_model_factory(attn_implementation="eager").eval()
+    batch = tiny_inputs(model.config, lengths=[6, 9], images_per_row=[1, 0])
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        plain = model(**batch)
+        as_tuple = model(**batch, return_dict=False)
+    layers, length = model.config.num_hidden_layers, batch["input_ids"].shape[1]
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    embeddings = model.transformer.wte(batch["input_ids"])
+    image_slots = model.transformer.get_image_mask(batch["input_ids"])
+    torch.testing.assert_close(out.hidden_states[0][~image_slots], embeddings[~image_slots])
+    with torch.no_grad():
+        torch.testing.assert_close(out.hidden_states[-1], model.transformer(**batch).last_hidden_state)
+    assert out.attentions[0].shape == (2, model.config.num_attention_heads, length, length)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, model.config.num_attention_heads, length))
+    assert plain.hidden_states is None and plain.attentions is None
+    torch.testing.assert_close(out.logits, plain.logits)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.logits)
+
+
+def test_logits_to_keep_slices_before_the_head(tiny_model_factory, tiny_inputs):
+    model = tiny_model_factory().eval()
+    batch = tiny_inputs(model.config, lengths=[7], images_per_row=[0])
+    with torch.no_grad():
+        full, last = model(**batch).logits, model(**batch, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_modeling_file_leaves_the_processing_stack_to_chat():
+    """The model's module imports no processor or image processor at import time (`chat()` imports it lazily)."""
+    import ast
+    import inspect
+
+    import modeling_qwen_vl.modeling_qwen_vl as modeling
+
+    top_level = [node for node in ast.parse(inspect.getsource(modeling)).body if isinstance(node, ast.ImportFrom)]
+    assert not [node.module for node in top_level if node.module and "processing" in node.module]
+
+
+def test_a_copied_cache_keeps_decoding_with_the_prefill_alpha(tiny_model_factory):
+    """`copy.deepcopy` of a prefilled cache (prompt reuse) decodes like the original: same alpha, same logits."""
+    import copy
+
+    model = tiny_model_factory(seq_length=8, use_logn_attn=False).eval()
+    ids = torch.randint(0, 300, (1, 11))
+    with torch.no_grad():
+        prefill = model(input_ids=ids[:, :10], use_cache=True)  # 10 positions -> alpha 3
+        copied = copy.deepcopy(prefill.cache)
+        step = model(input_ids=ids[:, 10:], cache=prefill.cache)
+        step_on_copy = model(input_ids=ids[:, 10:], cache=copied)
+    scaling = model.transformer.context_scaling
+    assert scaling.prefill_alpha(prefill.cache) == scaling.prefill_alpha(copied) == 3
+    torch.testing.assert_close(step_on_copy.logits, step.logits, rtol=0, atol=0)

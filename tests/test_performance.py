@@ -45,11 +45,14 @@ def test_static_cache_matches_dynamic_cache(tiny_model_factory, tiny_inputs):
     dynamic = model.generate(**batch, **common)
     static = model.generate(**batch, cache_implementation="static", disable_compile=True, **common)
     assert type(static.cache).__name__ == "StaticCache"
-    assert static.cache.qwen_ntk_alpha == dynamic.cache.qwen_ntk_alpha > 1
+    scaling = model.transformer.context_scaling
+    assert scaling.prefill_alpha(static.cache) == scaling.prefill_alpha(dynamic.cache) > 1
     assert static.sequences.tolist() == dynamic.sequences.tolist()
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_static_decoding_matches_eager(tiny_model_factory, tiny_inputs):
     """`generate` compiles the decoding step as one graph (`fullgraph=True` fails on any graph break) and gives the
     tokens of the uncompiled dynamic-cache path, dynamic NTK included."""
@@ -68,7 +71,9 @@ def test_compiled_static_decoding_matches_eager(tiny_model_factory, tiny_inputs)
     assert compiled.tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("search", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=5)], ids=["greedy", "beams", "sample"])
+@pytest.mark.parametrize(
+    "search", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=5)], ids=["greedy", "beams", "sample"]
+)
 def test_default_cache_matches_concatenating_cache(tiny_model_factory, tiny_inputs, search):
     """`generate`'s default cache (`QwenVLCache`, preallocated) gives the tokens and scores of transformers'
     concatenating `DynamicCache`, on left-padded rows with images, with beams (cache reordering) and sampling."""
@@ -169,7 +174,8 @@ def load(path, kwargs):
 kwargs = json.loads(sys.argv[2])
 if "dtype" in kwargs:
     kwargs["dtype"] = kwargs["dtype"] if kwargs["dtype"] == "auto" else getattr(torch, kwargs["dtype"])
-load(sys.argv[3], kwargs)  # warm-up on a tiny checkpoint: the library code that loading runs is paged in before the baseline
+# Warm-up on a tiny checkpoint: the library code that loading runs is paged in before the baseline.
+load(sys.argv[3], kwargs)
 gc.collect()
 baseline = status("VmRSS")
 state = load(sys.argv[1], kwargs)
@@ -184,7 +190,8 @@ print(json.dumps({
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A ~330 MB float32 random checkpoint (84M parameters, real 448px vision geometry) and a tiny one to warm up with."""
+    """A ~330 MB float32 random checkpoint (84M parameters, real 448px vision geometry) and a tiny one to warm up
+    with."""
     config = QwenVLConfig(
         vocab_size=16000,
         hidden_size=768,
@@ -192,13 +199,18 @@ def checkpoints(tmp_path_factory):
         num_attention_heads=12,
         kv_channels=64,
         intermediate_size=4096,
-        visual=dict(image_size=448, patch_size=14, width=512, layers=4, heads=8, mlp_ratio=4.0, output_dim=768, image_start_id=15000),
+        visual=dict(image_size=448, patch_size=14, width=512, layers=4, heads=8, mlp_ratio=4.0, output_dim=768,
+                    image_start_id=15000),
     )
     path, tiny = tmp_path_factory.mktemp("mid_size"), tmp_path_factory.mktemp("tiny")
     QwenVLForConditionalGeneration._from_config(config).save_pretrained(path)
-    tiny_config = dict(num_hidden_layers=1, hidden_size=128, num_attention_heads=1, kv_channels=128, intermediate_size=64)
+    tiny_config = dict(
+        num_hidden_layers=1, hidden_size=128, num_attention_heads=1, kv_channels=128, intermediate_size=64
+    )
     tiny_visual = dict(config.visual, width=32, layers=1, heads=1, output_dim=128)
-    QwenVLForConditionalGeneration._from_config(QwenVLConfig(**{**config.to_dict(), **tiny_config, "visual": tiny_visual})).save_pretrained(tiny)
+    QwenVLForConditionalGeneration._from_config(
+        QwenVLConfig(**{**config.to_dict(), **tiny_config, "visual": tiny_visual})
+    ).save_pretrained(tiny)
     return path, tiny
 
 
@@ -213,7 +225,9 @@ def load_in_subprocess(checkpoints: tuple[Path, Path], **kwargs) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss (Linux)")
-@pytest.mark.parametrize("kwargs", [{}, {"dtype": "auto"}, {"device_map": "auto"}], ids=["default", "dtype-auto", "device-map-auto"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"dtype": "auto"}, {"device_map": "auto"}], ids=["default", "dtype-auto", "device-map-auto"]
+)
 def test_loading_holds_the_weights_once(checkpoints, kwargs):
     """Peak RSS growth of a fresh process while loading (every weight read afterwards) stays under 1.3x the weights:
     parameters are created on the meta device and filled from the checkpoint, never allocated twice."""

@@ -9,8 +9,7 @@ import textwrap
 import pytest
 from safetensors.torch import load_file, save_file
 
-from hub_upload.convert_official import convert_official
-from tests.test_hub_repo import write_official_checkpoint
+from qwen_vl.hub_upload.convert_official import convert_official
 
 FRESH_PROCESS = textwrap.dedent(
     """
@@ -50,10 +49,10 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def repo_dir(tmp_path_factory, tiny_vocab_file):
+def repo_dir(tmp_path_factory, official_checkpoint):
     """A converted tiny repo whose LM weights are scaled up, so that its greedy output depends on the context (the
     default initialisation repeats one token whatever the input, which would hide wrong padding)."""
-    official = write_official_checkpoint(tmp_path_factory.mktemp("official"), tiny_vocab_file)
+    official = official_checkpoint(tmp_path_factory.mktemp("official"))
     weights = official / "model.safetensors"
     state = load_file(weights)
     lm_matrices = [
@@ -82,7 +81,11 @@ def test_pipeline_batches_chats_like_one_by_one_and_prefixes_plain_text(repo_dir
     # Right padding puts the generation after the padding and changes the padded row: the check can fail.
     assert result["batched_right"] != result["alone"]
     # Text without <img></img> gets "Picture k: <img></img>\n" per image in front: the same generation as writing it.
-    assert len(result["plain"]) > len("hello") and result["plain"].startswith("hello") and result["marked"].startswith("Picture 1: <img></img>\nhello")
+    assert (
+        len(result["plain"]) > len("hello")
+        and result["plain"].startswith("hello")
+        and result["marked"].startswith("Picture 1: <img></img>\nhello")
+    )
     assert result["plain"].removeprefix("hello") == result["marked"].removeprefix("Picture 1: <img></img>\nhello")
     prefix = "Picture 1: <img></img>\nPicture 2: <img></img>\nhello"
     assert result["plain_two"].removeprefix("hello") == result["marked_two"].removeprefix(prefix)

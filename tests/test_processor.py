@@ -6,7 +6,8 @@ from PIL import Image
 
 from modeling_qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from modeling_qwen_vl.processing_qwen_vl import QwenVLProcessor
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, QwenVLTokenizer
+from modeling_qwen_vl.text_format import IMAGE_SPAN_LENGTH
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 from .conftest import TINY_CONFIG
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.collator import IGNORE_INDEX, QwenVLDataCollator
-from recipes.data import BadRecordError, load_records, render_caption_pair, render_dialogue, render_task
+from qwen_vl.recipes.collator import IGNORE_INDEX, QwenVLDataCollator
+from qwen_vl.recipes.data import BadRecordError, load_records, render_caption_pair, render_dialogue, render_task
 
 
 def _png(path, color=(200, 30, 60), size=(40, 30)):

@@ -7,110 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import qwen_vl_cli
-from recipes.freezing import STAGE_TRAINABLE_GROUPS, parameter_group
-from recipes.train import ModelArguments, load_model, run
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIGS = ROOT / "recipes" / "configs" / "tiny"
-
-
-def write_tiny_checkpoint(path, model_factory, processor) -> Path:
-    model = model_factory()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return Path(path)
-
-
-def write_tiny_data(root: Path) -> dict[str, Path]:
-    """Images plus one data file per stage; every SFT dialogue but one (text only) shows an image."""
-    (root / "images").mkdir(parents=True)
-    for i in range(6):
-        PIL.Image.new("RGB", (40, 32), (40 * i, 200 - 30 * i, 90)).save(root / "images" / f"{i}.png")
-    captions = [
-        {"image": f"images/{i}.png", "caption": ["hello world", "hell or", "world or hello"][i % 3]} for i in range(6)
-    ]
-    multitask = [
-        {"task": "caption", "image": "images/0.png", "caption": "hello world"},
-        {"task": "vqa", "image": "images/1.png", "question": "what?", "answer": "hello"},
-        {"task": "grounding", "image": "images/2.png", "caption": "<ref>hello</ref><box>(1,2),(300,400)</box> world"},
-        {"task": "ref", "image": "images/3.png", "phrase": "the world", "box": [10, 20, 500, 600]},
-        {"task": "grounded_caption", "image": "images/4.png", "phrase": "hello", "box": [0, 0, 999, 999]},
-        {"task": "ocr", "image": "images/5.png", "text": "HELLO"},
-        {"task": "text", "text": "hello world, hello world"},
-        {"task": "caption", "image": "images/5.png", "caption": "world"},
-    ]
-    sft = [
-        {
-            "id": str(i),
-            "conversations": [
-                {"from": "user", "value": f"Picture 1: <img>images/{i}.png</img>\nwhat is {i}?"},
-                {"from": "assistant", "value": ["hello world", "world hello", "hell or"][i % 3]},
-            ],
-        }
-        for i in range(5)
-    ]
-    sft.append(
-        {
-            "id": "two",
-            "conversations": [
-                {
-                    "from": "user",
-                    "value": "Picture 1: <img>images/0.png</img>\nPicture 2: <img>images/1.png</img>\nsame?",
-                },
-                {"from": "assistant", "value": "no"},
-                {"from": "user", "value": "sure?"},
-                {"from": "assistant", "value": "hello"},
-            ],
-        }
-    )
-    sft.append(
-        {"id": "text", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
-    )
-    sft.append(
-        {
-            "id": "bad",
-            "conversations": [
-                {"from": "user", "value": "Picture 1: <img>images/missing.png</img>\nhi"},
-                {"from": "assistant", "value": "x"},
-            ],
-        }
-    )
-    files = {"pretrain": root / "captions.jsonl", "multitask": root / "multitask.jsonl", "sft": root / "sft.json"}
-    files["pretrain"].write_text("\n".join(json.dumps(r) for r in captions))
-    files["multitask"].write_text("\n".join(json.dumps(r) for r in multitask))
-    files["sft"].write_text(json.dumps(sft))
-    return files
-
-
-def train(stage: str, model: Path, data: Path, output_dir: Path, *flags: str):
-    return run(
-        [
-            stage,
-            "--config",
-            str(TINY_CONFIGS / f"{stage}.yaml"),
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--image_root",
-            str(data.parent),
-            "--output_dir",
-            str(output_dir),
-            *flags,
-        ]
-    )
-
-
-@pytest.fixture
-def workspace(tmp_path, tiny_model_factory, tiny_processor):
-    model = write_tiny_checkpoint(tmp_path / "init", tiny_model_factory, tiny_processor)
-    return model, write_tiny_data(tmp_path / "data"), tmp_path
+from qwen_vl import cli
+from qwen_vl.recipes.freezing import STAGE_TRAINABLE_GROUPS, parameter_group
+from qwen_vl.recipes.train import ModelArguments, load_model
+from tests.conftest import ROOT, TINY_CONFIGS
 
 
 def changed_groups(before: dict, after: dict) -> dict[str, set[bool]]:
@@ -125,12 +29,12 @@ def changed_groups(before: dict, after: dict) -> dict[str, set[bool]]:
     return result
 
 
-def test_stages_train_exactly_their_groups_and_chain(workspace):
+def test_stages_train_exactly_their_groups_and_chain(train_recipe, workspace):
     """pretrain -> multitask -> sft, each starting from the previous output directory."""
     model, data, tmp_path = workspace
     for stage in ("pretrain", "multitask", "sft"):
         output_dir = tmp_path / stage
-        trainer = train(stage, model, data[stage], output_dir, "--max_steps", "2")
+        trainer = train_recipe(stage, model, data[stage], output_dir, "--max_steps", "2")
         groups = changed_groups(load_file(model / "model.safetensors"), load_file(output_dir / "model.safetensors"))
         expected = {group: {group in STAGE_TRAINABLE_GROUPS[stage]} for group in ("vit", "adapter", "llm")}
         assert groups == expected, stage
@@ -148,19 +52,19 @@ def test_stages_train_exactly_their_groups_and_chain(workspace):
     assert results["skipped_records"] >= 0 and trainer.data_collator.skipped.keys() <= {"missing_image"}
 
 
-def test_loss_falls_when_overfitting(workspace):
+def test_loss_falls_when_overfitting(train_recipe, workspace):
     model, data, tmp_path = workspace
     subset = data["sft"].with_name("two.json")
     subset.write_text(json.dumps(json.loads(data["sft"].read_text())[:2]))
-    trainer = train("sft", model, subset, tmp_path / "out", "--max_steps", "8", "--learning_rate", "3e-3")
+    trainer = train_recipe("sft", model, subset, tmp_path / "out", "--max_steps", "8", "--learning_rate", "3e-3")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_lora_trains_only_adapter_weights_and_merges_to_official_names(workspace):
+def test_lora_trains_only_adapter_weights_and_merges_to_official_names(train_recipe, workspace):
     model, data, tmp_path = workspace
     output_dir = tmp_path / "lora"
-    trainer = train(
+    trainer = train_recipe(
         "sft",
         model,
         data["sft"],
@@ -203,17 +107,17 @@ def test_lora_trains_only_adapter_weights_and_merges_to_official_names(workspace
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_qlora_needs_a_gpu(workspace):
+def test_qlora_needs_a_gpu(train_recipe, workspace):
     model, data, tmp_path = workspace
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        train("sft", model, data["sft"], tmp_path / "q", "--use_peft", "--load_in_4bit")
+        train_recipe("sft", model, data["sft"], tmp_path / "q", "--use_peft", "--load_in_4bit")
 
 
-def test_resume_gives_identical_weights(workspace):
+def test_resume_gives_identical_weights(train_recipe, workspace):
     model, data, tmp_path = workspace
     flags = ("--max_steps", "3", "--save_strategy", "steps", "--save_steps", "2")
-    full = train("sft", model, data["sft"], tmp_path / "full", *flags)
-    resumed = train(
+    full = train_recipe("sft", model, data["sft"], tmp_path / "full", *flags)
+    resumed = train_recipe(
         "sft",
         model,
         data["sft"],
@@ -232,11 +136,11 @@ def test_resume_gives_identical_weights(workspace):
 
 
 def test_cli_registration_and_configs():
-    assert qwen_vl_cli.main(["train", "--help"]) == 0
+    assert cli.main(["train", "--help"]) == 0
     from transformers import TrainingArguments
     from trl import TrlParser
 
-    from recipes.train import RecipeArguments
+    from qwen_vl.recipes.train import RecipeArguments
 
     for path in sorted((ROOT / "recipes" / "configs").rglob("*.yaml")):  # every key is a known option
         parser = TrlParser((ModelArguments, RecipeArguments, TrainingArguments))
@@ -257,14 +161,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process(workspace):
+def test_config_names_a_shipped_config_unless_it_is_a_file(tmp_path, monkeypatch):
+    from contextlib import ExitStack
+
+    from qwen_vl.recipes.train import _with_shipped_config, shipped_config
+
+    assert shipped_config("tiny/sft").read_text() == (TINY_CONFIGS / "sft.yaml").read_text()
+    assert shipped_config("sft.yaml").read_text() == (ROOT / "recipes" / "configs" / "sft.yaml").read_text()
+    assert shipped_config("nope") is None
+    with ExitStack() as stack:
+        (resolved,) = _with_shipped_config(["--config", "tiny/sft"], stack)[1:]
+        assert Path(resolved).read_text() == (TINY_CONFIGS / "sft.yaml").read_text()
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "sft").write_text("learning_rate: 1.0\n")  # a file of that name wins
+        assert _with_shipped_config(["--config", "sft", "--seed", "1"], stack) == ["--config", "sft", "--seed", "1"]
+        assert _with_shipped_config(["--config", "missing.yaml"], stack) == ["--config", "missing.yaml"]
+
+
+def test_two_processes_match_one_process(train_recipe, workspace):
     """`accelerate launch` with the shipped DDP config, 2 CPU processes (gloo) x 2 examples = 1 process x 4."""
     model, data, tmp_path = workspace
     records = [r for r in json.loads(data["sft"].read_text()) if r["id"] != "bad"]
     dataset = data["sft"].with_name("eight.json")
     dataset.write_text(json.dumps(records + records[: 8 - len(records)]))  # 2 global batches per epoch
     flags = ("--max_steps", "3")  # crosses an epoch boundary: both runs reshuffle alike
-    single = train("sft", model, dataset, tmp_path / "single", *flags, "--per_device_train_batch_size", "4")
+    single = train_recipe("sft", model, dataset, tmp_path / "single", *flags, "--per_device_train_batch_size", "4")
     command = [
         sys.executable,
         "-m",
@@ -278,7 +199,7 @@ def test_two_processes_match_one_process(workspace):
         "--mixed_precision",
         "no",
         "-m",
-        "recipes.train",
+        "qwen_vl.recipes.train",
         "sft",
         "--config",
         str(TINY_CONFIGS / "sft.yaml"),

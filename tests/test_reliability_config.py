@@ -29,7 +29,10 @@ ConfigError = (ValueError, TypeError, StrictDataclassError)
         ({"visual": {**TINY_CONFIG["visual"], "n_queries": 15}}, "must be a perfect square"),
         ({"visual": {**TINY_CONFIG["visual"], "mlp_ratio": 0}}, r"visual\['mlp_ratio'\] must be a positive number"),
         ({"visual": {**TINY_CONFIG["visual"], "patch_size": 100}}, "must not exceed"),
-        ({"visual": {k: v for k, v in TINY_CONFIG["visual"].items() if k != "width"}}, r"visual is missing \['width'\]"),
+        (
+            {"visual": {k: v for k, v in TINY_CONFIG["visual"].items() if k != "width"}},
+            r"visual is missing \['width'\]",
+        ),
         ({"visual": [1, 2]}, "Field 'visual'"),
     ],
 )
@@ -50,7 +53,10 @@ def test_official_config_and_defaults_still_load(fixtures_dir):
     "edit, message",
     [
         (lambda c: {**c, "num_hidden_layers": -1}, "num_hidden_layers must be a positive integer"),
-        (lambda c: {**c, "visual": {k: v for k, v in c["visual"].items() if k != "heads"}}, r"visual is missing \['heads'\]"),
+        (
+            lambda c: {**c, "visual": {k: v for k, v in c["visual"].items() if k != "heads"}},
+            r"visual is missing \['heads'\]",
+        ),
         (lambda c: {**c, "vocab_size": 100}, r"visual\['image_start_id'\] \(400\)"),
     ],
 )
@@ -79,6 +85,8 @@ def test_broken_safetensors_names_the_file(fixtures_dir, tmp_path, damage):
         shutil.copy(fixtures_dir / "fixture_a" / name, tmp_path / name)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file", "empty": b""}[damage])
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file", "empty": b""}[damage]
+    )
     with pytest.raises(ValueError, match=r"model.safetensors is not a valid safetensors file .*truncated or corrupt"):
         QwenVLForConditionalGeneration.from_pretrained(tmp_path)

@@ -44,9 +44,13 @@ def test_huge_coordinates_are_clipped_before_drawing():
     image = Image.new("RGB", (64, 48), (20, 20, 20))
     line_width = 2
     began = time.monotonic()
-    huge = draw_grounding(image, [(0, 0, 999_999_999_999, 999_999_999_999), (-1e15, -1e15, 10, 10)], line_width=line_width)
+    huge = draw_grounding(
+        image, [(0, 0, 999_999_999_999, 999_999_999_999), (-1e15, -1e15, 10, 10)], line_width=line_width
+    )
     assert time.monotonic() - began < SECONDS
-    clipped = draw_grounding(image, [(0, 0, 64 + line_width, 48 + line_width), (-line_width, -line_width, 10, 10)], line_width=line_width)
+    clipped = draw_grounding(
+        image, [(0, 0, 64 + line_width, 48 + line_width), (-line_width, -line_width, 10, 10)], line_width=line_width
+    )
     assert np.array_equal(np.asarray(huge), np.asarray(clipped))
     # Polygons and absurd line widths are bounded too; non-finite coordinates are refused.
     polygon = {"box": (0, 0, 1e12, 1e12), "polygon": [(0, 0), (1e12, 0), (1e12, 1e12), (0, 1e12)], "phrase": "x"}

@@ -16,7 +16,6 @@ from PIL import Image
 
 from modeling_qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 
-
 SIZE = 56  # tiny_processor's image size
 
 

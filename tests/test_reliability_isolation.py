@@ -14,7 +14,6 @@ from PIL import Image
 import modeling_qwen_vl
 from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
-
 PACKAGE_DIR = Path(modeling_qwen_vl.__file__).parent
 
 
@@ -207,18 +206,14 @@ THIRD_PARTY_IMPORTS = {"torch", "transformers", "tiktoken", "PIL", "numpy", "hug
 
 
 def test_remote_code_imports_only_what_transformers_and_tiktoken_bring():
+    """Read with transformers' own `get_imports`: the packages that `check_imports` requires installed when a Hub repo
+    with these files is loaded."""
     import sys
+
+    from transformers.dynamic_module_utils import get_imports
 
     found = {}
     for path in sorted(PACKAGE_DIR.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module]
-            for name in names:
-                root = name.split(".")[0]
-                if root not in sys.stdlib_module_names and root not in THIRD_PARTY_IMPORTS:
-                    found.setdefault(path.name, []).append(f"{node.lineno}: {name}")
+        if extra := sorted(set(get_imports(path)) - sys.stdlib_module_names - THIRD_PARTY_IMPORTS):
+            found[path.name] = extra
     assert found == {}

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from .conftest import TINY_CONFIG
 
@@ -49,7 +48,11 @@ def test_cheap_pixel_value_forms_are_accepted(model, batch):
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
-        ({"pixel_values": torch.randn(2, 3, 56, 70)}, ValueError, r"pixel_values must have shape \[images, 3, 56, 56\]"),
+        (
+            {"pixel_values": torch.randn(2, 3, 56, 70)},
+            ValueError,
+            r"pixel_values must have shape \[images, 3, 56, 56\]",
+        ),
         ({"pixel_values": torch.randn(2, 5, 56, 56)}, ValueError, "pixel_values must have shape"),
         ({"pixel_values": torch.zeros(2, 3, 56, 56, dtype=torch.uint8)}, TypeError, "normalised floats"),
         ({"pixel_values": [1, 2]}, TypeError, "list of image tensors"),
@@ -65,7 +68,11 @@ def test_bad_pixel_values(model, batch, overrides, error, message):
 def test_bad_input_ids(model, batch):
     ids, vocab = batch["input_ids"], model.config.vocab_size
     cases = [
-        (ids.clone().index_fill_(1, torch.tensor([0]), vocab), ValueError, rf"input_ids\[0\] holds the id {vocab}, outside"),
+        (
+            ids.clone().index_fill_(1, torch.tensor([0]), vocab),
+            ValueError,
+            rf"input_ids\[0\] holds the id {vocab}, outside",
+        ),
         (ids.clone().index_fill_(1, torch.tensor([1]), -3), ValueError, r"input_ids\[0\] holds the id -3"),
         (ids[0], ValueError, r"add the batch dimension with input_ids\[None\]"),
         (ids.float(), TypeError, "integer token ids"),
@@ -95,9 +102,17 @@ def test_image_spans_are_checked_per_row(model, batch):
 def test_bad_masks_positions_and_labels(model, batch):
     ids = batch["input_ids"]
     cases = [
-        ({"attention_mask": batch["attention_mask"][:, 1:]}, ValueError, r"attention_mask has shape \(2, \d+\) but must be"),
+        (
+            {"attention_mask": batch["attention_mask"][:, 1:]},
+            ValueError,
+            r"attention_mask has shape \(2, \d+\) but must be",
+        ),
         ({"attention_mask": batch["attention_mask"][:1]}, ValueError, "attention_mask has shape"),
-        ({"attention_mask": batch["attention_mask"][0]}, ValueError, r"attention_mask must have shape \[batch, length\]"),
+        (
+            {"attention_mask": batch["attention_mask"][0]},
+            ValueError,
+            r"attention_mask must have shape \[batch, length\]",
+        ),
         ({"attention_mask": batch["attention_mask"].tolist()}, TypeError, "attention_mask must be a torch.Tensor"),
         ({"position_ids": torch.arange(ids.shape[1] - 1)[None]}, ValueError, "position_ids must have shape"),
         ({"position_ids": torch.arange(ids.shape[1])}, ValueError, "position_ids must have shape"),

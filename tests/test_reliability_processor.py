@@ -40,7 +40,9 @@ def blocked(monkeypatch):
 
 def chat(processor, content, **kwargs):
     messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs)
+    return processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,7 +91,9 @@ def test_paths_in_typed_text_items_are_never_opened(tiny_processor, blocked, tmp
     given = Image.new("RGB", (4, 4), (200, 0, 0))
     batch = tiny_processor(text=f"<img>{secret}</img> what?", images=[given], return_tensors="pt")
     assert str(secret) not in blocked["open"]
-    torch.testing.assert_close(batch["pixel_values"], tiny_processor.image_processor(given, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(
+        batch["pixel_values"], tiny_processor.image_processor(given, return_tensors="pt")["pixel_values"]
+    )
 
     # Plain string content (model.chat's official format) and images=None: the text names the file, which is opened.
     chat(tiny_processor, f"Picture 1: <img>{secret}</img>\nwhat?")
@@ -100,7 +104,12 @@ def test_float_images_are_not_rescaled_twice(tiny_processor):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
     expected = tiny_processor.image_processor(Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
-    for image in (pixels / 255.0, (pixels / 255.0).astype(np.float32), pixels.astype(np.float32), torch.from_numpy(pixels / 255.0)):
+    for image in (
+        pixels / 255.0,
+        (pixels / 255.0).astype(np.float32),
+        pixels.astype(np.float32),
+        torch.from_numpy(pixels / 255.0),
+    ):
         batch = tiny_processor(text="<img></img>hi", images=[image], return_tensors="pt")
         torch.testing.assert_close(batch["pixel_values"], expected, rtol=0, atol=0)
     for bad, message in ((pixels / 255.0 - 0.5, r"must lie in \[0, 1\]"), (np.full((6, 5, 3), np.nan), "NaN")):

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from modeling_qwen_vl.tokenization_qwen_vl import SPECIAL_TOKENS, QwenVLTokenizer
+from modeling_qwen_vl.text_format import SPECIAL_TOKENS
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 from .conftest import TINY_CONFIG
-
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TAGS = ["<img>", "</img>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<imgpad>", "<|im_end|>"]
@@ -148,15 +148,20 @@ def malformed_batches(draw):
     ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
     inputs = {}
     kind = draw(st.sampled_from(["ok", "1d", "float", "list", "empty"]))
-    inputs["input_ids"] = {"ok": ids, "1d": ids[0], "float": ids.float(), "list": ids.tolist(), "empty": ids[:, :0]}[kind]
+    variants = {"ok": ids, "1d": ids[0], "float": ids.float(), "list": ids.tolist(), "empty": ids[:, :0]}
+    inputs["input_ids"] = variants[kind]
     if draw(st.booleans()):
         shapes = [(len(rows), width), (len(rows), width + 1), (width,), (len(rows), 1, width, width), (1, 1, width, 1)]
         inputs["attention_mask"] = tensor_like(draw, shapes, [torch.long, torch.float32]).clamp(0, 1)
     if draw(st.booleans()):
-        inputs["position_ids"] = tensor_like(draw, [(1, width), (len(rows), width - 1), (width,)], [torch.long, torch.float32])
+        inputs["position_ids"] = tensor_like(
+            draw, [(1, width), (len(rows), width - 1), (width,)], [torch.long, torch.float32]
+        )
     if draw(st.booleans()):
         images = draw(st.integers(0, 3))
-        shape = draw(st.sampled_from([(images, 3, 56, 56), (images, 56, 56, 3), (images, 3, 42, 56), (images, 1, 56, 56)]))
+        shape = draw(
+            st.sampled_from([(images, 3, 56, 56), (images, 56, 56, 3), (images, 3, 42, 56), (images, 1, 56, 56)])
+        )
         pixel_values = torch.randn(shape).to(draw(st.sampled_from([torch.float32, torch.uint8])))
         inputs["pixel_values"] = list(pixel_values) if draw(st.booleans()) and images else pixel_values
     if draw(st.booleans()):
@@ -172,7 +177,9 @@ def tiny_model():
     return QwenVLForConditionalGeneration._from_config(QwenVLConfig(**TINY_CONFIG), attn_implementation="sdpa").eval()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(inputs=malformed_batches())
 def test_model_raises_only_value_or_type_errors_on_malformed_batches(tiny_model, inputs):
     try:

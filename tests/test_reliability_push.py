@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from hub_upload.push import push_to_hub, verify_repo_dir
+from qwen_vl.hub_upload.push import push_to_hub, verify_repo_dir
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_tokens_in_file_contents_are_refused_without_being_printed(model_dir, na
 
 
 def test_token_split_across_scan_chunks_is_found(model_dir):
-    from hub_upload import push
+    from qwen_vl.hub_upload import push
 
     (model_dir / "big.txt").write_bytes(b"x" * (push._SCAN_CHUNK - 10) + b"hf_" + b"q" * 40)
     assert "big.txt (a token starting 'hf_')" in refused(model_dir)
@@ -77,7 +77,9 @@ def test_symlinks_out_of_the_directory_are_refused_and_never_read(model_dir, tmp
     os.mkfifo(model_dir / "pipe")
     opened = []
     real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(os.path.realpath(f)) or real_open(f, *a, **k))
+    monkeypatch.setattr(
+        builtins, "open", lambda f, *a, **k: opened.append(os.path.realpath(f)) or real_open(f, *a, **k)
+    )
     message = refused(model_dir)
     assert f"notes.txt is a symbolic link to {outside}, outside the directory" in message
     assert "passwd is a symbolic link to /etc/passwd, outside the directory" in message
@@ -98,7 +100,9 @@ def test_auto_map_paths_cannot_leave_the_directory(model_dir, tmp_path, monkeypa
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["custom.Tok", None]}}))
     opened = []
     real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: opened.append(os.path.realpath(f)) or real_open(f, *a, **k))
+    monkeypatch.setattr(
+        builtins, "open", lambda f, *a, **k: opened.append(os.path.realpath(f)) or real_open(f, *a, **k)
+    )
     message = refused(model_dir)
     assert "auto_map['AutoModel'] = '..tmp.x.evil' is not a 'module.Class' reference" in message
     assert "auto_map['AutoConfig'] = 'sub/../../evil.Config' is not a 'module.Class' reference" in message

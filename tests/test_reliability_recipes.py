@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recipes.collator import QwenVLDataCollator
-from recipes.data import BadRecordError, render_caption_pair, render_dialogue, render_task
+from qwen_vl.recipes.collator import QwenVLDataCollator
+from qwen_vl.recipes.data import BadRecordError, render_caption_pair, render_dialogue, render_task
 
 
 def dialogue(image: str) -> dict:
@@ -53,7 +53,9 @@ def test_images_outside_image_root_are_never_opened(tiny_processor, image_tree, 
     assert collator.skipped == {"outside_image_root": len(escaping)}
     assert not any(os.path.realpath(path) in (outside, "/etc/passwd") for path in opened)
 
-    trusting = QwenVLDataCollator(tiny_processor, render_dialogue, image_root=str(image_tree), allow_images_outside_root=True)
+    trusting = QwenVLDataCollator(
+        tiny_processor, render_dialogue, image_root=str(image_tree), allow_images_outside_root=True
+    )
     assert trusting.encode(dialogue("../outside.png")).pixel_values.shape[0] == 1
 
 
@@ -71,7 +73,10 @@ MALFORMED = [
     {"conversations": [{"from": "user", "value": {"text": "hi"}}, {"from": "gpt", "value": "ok"}]},
     {"messages": {"role": "user"}},
     {"messages": [{"role": "user", "content": [5]}, {"role": "assistant", "content": "ok"}]},
-    {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}], "images": "abc"},
+    {
+        "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}],
+        "images": "abc",
+    },
     {"task": ["caption"], "image": "a.png", "caption": "x"},
     {"task": {"caption": 1}},
     {"task": "caption", "image": 5, "caption": "x"},
@@ -100,12 +105,37 @@ def test_malformed_records_of_any_shape_are_skipped_and_counted(tiny_processor, 
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=8) | st.sampled_from(["user", "gpt", "image", "text"]),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(
-        st.sampled_from(["from", "value", "role", "content", "type", "text", "image", "images", "task", "caption",
-                         "conversations", "messages", "box", "phrase", "bytes", "path"]),
-        children,
-        max_size=4,
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.text(max_size=8)
+    | st.sampled_from(["user", "gpt", "image", "text"]),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "from",
+                    "value",
+                    "role",
+                    "content",
+                    "type",
+                    "text",
+                    "image",
+                    "images",
+                    "task",
+                    "caption",
+                    "conversations",
+                    "messages",
+                    "box",
+                    "phrase",
+                    "bytes",
+                    "path",
+                ]
+            ),
+            children,
+            max_size=4,
+        )
     ),
     max_leaves=12,
 )

@@ -9,8 +9,8 @@ from PIL import Image
 from modeling_qwen_vl.grounding_qwen_vl import box_to_text, format_grounding, parse_grounding
 from modeling_qwen_vl.image_processing_qwen_vl import QwenVLImageProcessor
 from modeling_qwen_vl.processing_qwen_vl import QwenVLProcessor
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, QwenVLTokenizer
-
+from modeling_qwen_vl.text_format import IMAGE_SPAN_LENGTH
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 RED, BLUE = Image.new("RGB", (6, 4), (255, 0, 0)), Image.new("RGB", (4, 6), (0, 0, 255))
 

@@ -16,7 +16,9 @@ class RegexLimit:
     """Stands in for the tiktoken encoding and fails like its regex engine does on very long whitespace runs."""
 
     def encode(self, *args, **kwargs):
-        raise ValueError("Regex error while tokenizing: Error executing regex: Max stack size exceeded for backtracking")
+        raise ValueError(
+            "Regex error while tokenizing: Error executing regex: Max stack size exceeded for backtracking"
+        )
 
 
 def test_a_million_spaces_encode_and_round_trip(tokenizer):
@@ -30,8 +32,37 @@ def test_a_million_spaces_encode_and_round_trip(tokenizer):
 
 # Text made of the characters where pre-tokenization is subtle: whitespace of every kind (including characters Python
 # and tiktoken's engine classify differently), contractions, digits, letters of several scripts, special tokens.
-ALPHABET = [" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u2028", "\u3000", "\x1c", "\x85", "\u200b", "\ufeff", "a", "Bc",
-            "'s", "'LL", "'", "é", "猫", "٣", "1", "42", "!", "?!", "_", "<|im_end|>", "<img>", "</img>", "<|extra_3|>"]
+ALPHABET = [
+    " ",
+    "  ",
+    "\n",
+    "\r\n",
+    "\t",
+    "\u00a0",
+    "\u2028",
+    "\u3000",
+    "\x1c",
+    "\x85",
+    "\u200b",
+    "\ufeff",
+    "a",
+    "Bc",
+    "'s",
+    "'LL",
+    "'",
+    "é",
+    "猫",
+    "٣",
+    "1",
+    "42",
+    "!",
+    "?!",
+    "_",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<|extra_3|>",
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

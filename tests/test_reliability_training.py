@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-import recipes.train
-from recipes.trainer import STAGING_DIR, NonFiniteLossError, RecipeTrainer
-from tests.test_recipes_train import ROOT, TINY_CONFIGS, train, write_tiny_checkpoint, write_tiny_data
+import qwen_vl.recipes.train
+from qwen_vl.recipes.trainer import STAGING_DIR, NonFiniteLossError, RecipeTrainer
+from tests.conftest import ROOT, TINY_CONFIGS
 
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
@@ -32,13 +32,6 @@ def assert_same_weights(expected_file, actual_file):
 
 
 @pytest.fixture
-def workspace(tmp_path, tiny_model_factory, tiny_processor):
-    """A tiny checkpoint and data files, as in `test_recipes_train`."""
-    model = write_tiny_checkpoint(tmp_path / "init", tiny_model_factory, tiny_processor)
-    return model, write_tiny_data(tmp_path / "data"), tmp_path
-
-
-@pytest.fixture
 def count_steps(monkeypatch):
     """Counts the training steps run from now on, in this process."""
     steps = []
@@ -52,14 +45,15 @@ def count_steps(monkeypatch):
     return steps
 
 
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(workspace, count_steps):
-    """A `python -m recipes.train` process killed after its first checkpoint resumes from its last complete one, runs
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(train_recipe, workspace, count_steps):
+    """A `python -m qwen_vl.recipes.train` process killed after its first checkpoint resumes from its last complete one,
+    runs
     only the missing steps and ends with the losses and weights of a run never killed (bit for bit on CPU, checked to
     1e-6). Restarting from scratch fails the step count; another data order or optimizer state fails the weights."""
     model, data, tmp_path = workspace
     flags = ("--max_steps", "10", "--save_strategy", "steps", "--save_steps", "3")  # checkpoint-3 is mid-epoch
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "recipes.train", "sft", "--config", str(TINY_CONFIGS / "sft.yaml")]
+    command = [sys.executable, "-m", "qwen_vl.recipes.train", "sft", "--config", str(TINY_CONFIGS / "sft.yaml")]
     command += ["--model", str(model), "--data", str(data["sft"]), "--image_root", str(data["sft"].parent)]
     command += ["--output_dir", str(killed), *flags]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -75,9 +69,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(workspace, cou
     last = int(get_last_checkpoint(killed).rsplit("-", 1)[1])
     assert last in (3, 6, 9) and not (killed / "model.safetensors").exists()  # killed before the end
 
-    full = train("sft", model, data["sft"], tmp_path / "full", *flags)
+    full = train_recipe("sft", model, data["sft"], tmp_path / "full", *flags)
     del count_steps[:]
-    resumed = train("sft", model, data["sft"], killed, *flags, "--resume_from_checkpoint", "true")
+    resumed = train_recipe("sft", model, data["sft"], killed, *flags, "--resume_from_checkpoint", "true")
     assert count_steps == list(range(last + 1, 11))
     assert_same_weights(tmp_path / "full" / "model.safetensors", killed / "model.safetensors")
     assert not (killed / STAGING_DIR).exists()
@@ -89,7 +83,7 @@ class Crash(Exception):
     """Stands for the process dying."""
 
 
-def test_a_crash_while_saving_leaves_no_partial_checkpoint(workspace, monkeypatch, count_steps):
+def test_a_crash_while_saving_leaves_no_partial_checkpoint(train_recipe, workspace, monkeypatch, count_steps):
     """The save of checkpoint-4 dies after the weights and optimizer are written: no `checkpoint-4` exists, resuming
     picks the complete checkpoint-2, and the next save clears the leftover."""
     model, data, tmp_path = workspace
@@ -104,7 +98,7 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(workspace, monkeypatc
 
     monkeypatch.setattr(Trainer, "_save_rng_state", crash_at_step_4)
     with pytest.raises(Crash):
-        train("sft", model, data["sft"], output_dir, *flags)
+        train_recipe("sft", model, data["sft"], output_dir, *flags)
     assert checkpoints(output_dir) == ["checkpoint-2"]
     assert get_last_checkpoint(output_dir) == str(output_dir / "checkpoint-2")
     assert CHECKPOINT_FILES <= set(os.listdir(output_dir / "checkpoint-2"))
@@ -113,7 +107,7 @@ def test_a_crash_while_saving_leaves_no_partial_checkpoint(workspace, monkeypatc
 
     monkeypatch.setattr(Trainer, "_save_rng_state", save_rng_state)
     del count_steps[:]
-    train("sft", model, data["sft"], output_dir, *flags, "--resume_from_checkpoint", "true")
+    train_recipe("sft", model, data["sft"], output_dir, *flags, "--resume_from_checkpoint", "true")
     assert count_steps == [3, 4]
     assert checkpoints(output_dir) == ["checkpoint-2", "checkpoint-4"] and not (output_dir / STAGING_DIR).exists()
     assert CHECKPOINT_FILES <= set(os.listdir(output_dir / "checkpoint-4"))
@@ -158,12 +152,12 @@ def test_rotation_best_model_and_overwriting_keep_working(tmp_path, tiny_model_f
     assert CHECKPOINT_FILES <= set(os.listdir(tmp_path / "checkpoint-5"))
 
 
-def test_non_finite_loss_stops_the_run_before_the_update(workspace, monkeypatch):
+def test_non_finite_loss_stops_the_run_before_the_update(train_recipe, workspace, monkeypatch):
     """NaN logits at step 4: a `NonFiniteLossError` saying what to try, the weights still finite, and checkpoint-2
     (equal to a clean run's weights after 2 steps) the last checkpoint; nothing saved from the bad step."""
     model, data, tmp_path = workspace
     output_dir = tmp_path / "nan"
-    load_model, loaded = recipes.train.load_model, []
+    load_model, loaded = qwen_vl.recipes.train.load_model, []
 
     def load_model_with_nan_at_step_4(model_args):
         model = load_model(model_args)
@@ -174,17 +168,17 @@ def test_non_finite_loss_stops_the_run_before_the_update(workspace, monkeypatch)
         loaded.append(model)
         return model
 
-    monkeypatch.setattr(recipes.train, "load_model", load_model_with_nan_at_step_4)
+    monkeypatch.setattr(qwen_vl.recipes.train, "load_model", load_model_with_nan_at_step_4)
     flags = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2")
     with pytest.raises(NonFiniteLossError, match=r"loss nan at step 4: stopped before the optimizer step") as error:
-        train("sft", model, data["sft"], output_dir, *flags)
+        train_recipe("sft", model, data["sft"], output_dir, *flags)
     assert all(hint in str(error.value) for hint in ("--learning_rate", "bf16", "fp16", "check the data"))
     assert all(torch.isfinite(p).all() for p in loaded[0].parameters())
     assert checkpoints(output_dir) == ["checkpoint-2"]
     assert get_last_checkpoint(output_dir) == str(output_dir / "checkpoint-2")
     assert not (output_dir / STAGING_DIR).exists() and not (output_dir / "model.safetensors").exists()
 
-    monkeypatch.setattr(recipes.train, "load_model", load_model)
-    train("sft", model, data["sft"], tmp_path / "clean", "--max_steps", "2")
+    monkeypatch.setattr(qwen_vl.recipes.train, "load_model", load_model)
+    train_recipe("sft", model, data["sft"], tmp_path / "clean", "--max_steps", "2")
     assert_same_weights(tmp_path / "clean" / "model.safetensors", output_dir / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in load_file(output_dir / "checkpoint-2" / "model.safetensors").values())

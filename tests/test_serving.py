@@ -16,8 +16,8 @@ import pytest
 import torch
 import uvicorn
 
-from serving.loading import load_model, reply_end_ids
-from serving.openai_server import ServerConfig, create_app
+from qwen_vl.serving.loading import load_model, reply_end_ids
+from qwen_vl.serving.openai_server import ServerConfig, create_app
 from tests.serving_repo import ANSWER, QUESTION, build_repo, cli_server, scene
 
 MODEL_NAME = "tiny-qwen-vl"
@@ -246,7 +246,8 @@ def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(client, 
 
     assert expect(openai.NotFoundError, "does not exist", model="gpt-4o")["code"] == "model_not_found"
     bad_item = [{"role": "user", "content": [{"type": "video", "video": "x"}]}]
-    assert expect(openai.BadRequestError, r"messages\[0\]\.content\[0\]", messages=bad_item)["code"] == "invalid_content_item"
+    error = expect(openai.BadRequestError, r"messages\[0\]\.content\[0\]", messages=bad_item)
+    assert error["code"] == "invalid_content_item"
     no_url = [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
     expect(openai.BadRequestError, "image_url item needs", messages=no_url)
     garbage = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
@@ -259,14 +260,27 @@ def test_bad_requests_get_openai_style_4xx_and_the_server_keeps_serving(client, 
     assert too_long["code"] == "context_length_exceeded"
     expect(openai.BadRequestError, "temperature", temperature=5)
     expect(openai.BadRequestError, "stop", stop=[""])
-    markup = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "<box>"}]}]
+    markup = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "<box>"}],
+        }
+    ]
     expect(openai.BadRequestError, "messages", messages=markup)
     smuggled = [{"role": "user", "content": f"<img>{Path(__file__)}</img> what is this?"}]
-    assert expect(openai.BadRequestError, "may not contain '<img>'", messages=smuggled)["code"] == "invalid_content_item"
+    assert (
+        expect(openai.BadRequestError, "may not contain '<img>'", messages=smuggled)["code"] == "invalid_content_item"
+    )
 
     completion = client.chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                                                  {"type": "text", "text": QUESTION}]}], temperature=0
+        model=MODEL_NAME,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": QUESTION}],
+            }
+        ],
+        temperature=0,
     )
     assert completion.choices[0].message.content == ANSWER
 
@@ -275,7 +289,10 @@ def test_client_disconnect_mid_stream_stops_generation(client, server):
     batcher = server.app.state.batcher
     finished_before = len(batcher.finished)
     stream = client.chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": "hello world"}], temperature=0, max_tokens=3000,
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "hello world"}],
+        temperature=0,
+        max_tokens=3000,
         stream=True,
     )
     received = [chunk for _, chunk in zip(range(4), stream)]

@@ -60,7 +60,9 @@ FRESH_PROCESS = textwrap.dedent(
         class TokenizerWithoutImagePad(tokenizer.__class__):
             def tokenize(self, text, allowed_special="all", disallowed_special=(), **kwargs):
                 text = unicodedata.normalize("NFC", text)
-                ids = self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+                ids = self.tokenizer.encode(
+                    text, allowed_special=allowed_special, disallowed_special=disallowed_special
+                )
                 return [self.decoder[i] for i in ids]
 
             def _decode(self, token_ids, skip_special_tokens=False, errors=None, **kwargs):
@@ -111,7 +113,9 @@ def saved_tokenizer(vocab_file, tmp_path_factory):
 def test_serving_engine_tokenizer_contract(saved_tokenizer, vocab_file, tokenizer_golden):
     golden = tokenizer_golden["special_tokens"]
     with open(vocab_file, "rb") as f:
-        rank_bytes = {int(rank): base64.b64decode(token) for token, rank in (line.split() for line in f if line.strip())}
+        rank_bytes = {
+            int(rank): base64.b64decode(token) for token, rank in (line.split() for line in f if line.strip())
+        }
     probe_ids = [0, 198, 6023, 151642, *golden.values()]
     texts = [case["text"] for case in tokenizer_golden["encode"] if "<img>" not in case["text"]]
     image_case = next(case for case in tokenizer_golden["encode"] if "<img>" in case["text"])
@@ -119,9 +123,18 @@ def test_serving_engine_tokenizer_contract(saved_tokenizer, vocab_file, tokenize
     texts.append(image_case["text"].replace("assets/demo.jpeg", ""))
     names = [*TAGS, *ID_ATTRIBUTES]
     out = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(saved_tokenizer), json.dumps(texts), json.dumps(names),
-         json.dumps(probe_ids)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(saved_tokenizer),
+            json.dumps(texts),
+            json.dumps(names),
+            json.dumps(probe_ids),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,7 +173,9 @@ def test_serving_engine_tokenizer_contract(saved_tokenizer, vocab_file, tokenize
     assert result["plain_decoded"][-1] == texts[-1]
 
     # `allowed_special` / `disallowed_special` as in the official `tokenize` (and tiktoken).
-    assert result["tokenize_text_only"][-1] == golden["<ref>"] and golden["<|im_end|>"] not in result["tokenize_text_only"]
+    assert (
+        result["tokenize_text_only"][-1] == golden["<ref>"] and golden["<|im_end|>"] not in result["tokenize_text_only"]
+    )
     image_st = result["encode_image_st"]
     assert image_st[-3] == golden["<ref>"] and image_st[-1] == golden["</ref>"] and golden["<|im_end|>"] not in image_st
     assert "disallowed special token" in result["disallowed"]

@@ -1,25 +1,18 @@
 """QwenVLTokenizer against the official tokenizer's golden outputs, plus its own contracts."""
 
-import base64
 import json
 
 import jinja2
 import pytest
 from PIL import Image
 
-from modeling_qwen_vl.tokenization_qwen_vl import IMAGE_SPAN_LENGTH, SPECIAL_TOKENS, QwenVLTokenizer
+from modeling_qwen_vl.text_format import IMAGE_SPAN_LENGTH, SPECIAL_TOKENS
+from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(vocab_file):
     return QwenVLTokenizer(str(vocab_file))
-
-
-def write_tiny_vocab(path):
-    """256 single bytes (in byte order) plus a few merges reachable by BPE, in the qwen.tiktoken format."""
-    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world"]
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(tokens)))
-    return len(tokens)
 
 
 def chat_messages(case):
@@ -75,7 +68,8 @@ def control_token_case(tokenizer_golden) -> dict:
 
 
 def test_typed_control_tokens_stay_text_in_the_processor_and_can_be_trusted(tokenizer, tokenizer_golden):
-    """The official `make_context`: ChatML tokens typed in a message are text; `sanitize_control_tokens=False` opts out."""
+    """The official `make_context`: ChatML tokens typed in a message are text; `sanitize_control_tokens=False` opts
+    out."""
     from modeling_qwen_vl import QwenVLImageProcessor, QwenVLProcessor
 
     case = control_token_case(tokenizer_golden)
@@ -152,9 +146,9 @@ def test_vocab_api(tokenizer):
     assert tokenizer.convert_tokens_to_ids(tokens) == tokenizer.encode("Hello world <ref>猫</ref>")
 
 
-def test_vocabulary_is_fixed(tmp_path):
+def test_vocabulary_is_fixed(tmp_path, write_vocab):
     tiny = tmp_path / "qwen.tiktoken"
-    write_tiny_vocab(tiny)
+    write_vocab(tiny)
     tokenizer = QwenVLTokenizer(str(tiny))
     with pytest.raises(ValueError, match="vocabulary is fixed"):
         tokenizer.add_tokens(["<new>"])
@@ -238,9 +232,9 @@ def test_save_load_round_trip(tokenizer, vocab_file, tmp_path):
     )
 
 
-def test_tiny_vocabulary(tmp_path):
+def test_tiny_vocabulary(tmp_path, write_vocab):
     tiny = tmp_path / "qwen.tiktoken"
-    num_ranks = write_tiny_vocab(tiny)
+    num_ranks = write_vocab(tiny)
     tokenizer = QwenVLTokenizer(str(tiny))
     assert len(tokenizer) == num_ranks + len(SPECIAL_TOKENS)
     assert tokenizer.eod_id == num_ranks and tokenizer.img_pad_id == num_ranks + len(SPECIAL_TOKENS) - 1
@@ -257,9 +251,9 @@ def test_tiny_vocabulary(tmp_path):
     assert QwenVLTokenizer.from_pretrained(tmp_path / "saved").encode(text) == ids
 
 
-def test_invalid_vocabulary(tmp_path):
+def test_invalid_vocabulary(tmp_path, write_vocab):
     missing_bytes = tmp_path / "missing.tiktoken"
-    missing_bytes.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(200)))
+    write_vocab(missing_bytes, [bytes([b]) for b in range(200)])
     with pytest.raises(ValueError, match="all 256 single-byte tokens"):
         QwenVLTokenizer(str(missing_bytes))
     malformed = tmp_path / "malformed.tiktoken"

@@ -1,6 +1,6 @@
 """TRL's `SFTTrainer` with `assistant_only_loss=True` on a saved repo, in a fresh process where the package is not
-importable: it trains exactly the assistant tokens (the positions `recipes.collator.assistant_labels` trains), and the
-image slots are never targets, also when TRL's collator copies `input_ids` to `labels`."""
+importable: it trains exactly the assistant tokens (the positions `qwen_vl.recipes.collator.assistant_labels` trains),
+and the image slots are never targets, also when TRL's collator copies `input_ids` to `labels`."""
 
 import json
 import subprocess
@@ -9,10 +9,9 @@ import textwrap
 
 import pytest
 
-from hub_upload.convert_official import convert_official
 from modeling_qwen_vl import QwenVLTokenizer
-from recipes.collator import IGNORE_INDEX, assistant_labels
-from tests.test_hub_repo import write_official_checkpoint
+from qwen_vl.hub_upload.convert_official import convert_official
+from qwen_vl.recipes.collator import IGNORE_INDEX, assistant_labels
 
 FRESH_PROCESS = textwrap.dedent(
     """
@@ -60,7 +59,8 @@ FRESH_PROCESS = textwrap.dedent(
     # TRL's collator without assistant_only_loss copies input_ids to labels, image slots included.
     full = DataCollatorForVisionLanguageModeling(processor)([dataset[0], dataset[1]])
     tokenizer = processor.tokenizer
-    depth = (full["input_ids"] == tokenizer.img_start_id).cumsum(-1) - (full["input_ids"] == tokenizer.img_end_id).cumsum(-1)
+    ids = full["input_ids"]
+    depth = (ids == tokenizer.img_start_id).cumsum(-1) - (ids == tokenizer.img_end_id).cumsum(-1)
     slots = (depth > 0) & (full["input_ids"] != tokenizer.img_start_id)
     model = trainer.model.eval()
     with torch.no_grad():
@@ -93,15 +93,17 @@ FRESH_PROCESS = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def repo_dir(tmp_path_factory, tiny_vocab_file):
-    official = write_official_checkpoint(tmp_path_factory.mktemp("official"), tiny_vocab_file)
+def repo_dir(tmp_path_factory, official_checkpoint):
+    official = official_checkpoint(tmp_path_factory.mktemp("official"))
     return convert_official(official, tmp_path_factory.mktemp("converted") / "repo")
 
 
 def test_sft_trainer_assistant_only_loss_trains_exactly_the_replies(repo_dir, tiny_vocab_file, tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(repo_dir), str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "end-of-turn token in the loss mask" not in out.stderr  # TRL's check that <|im_end|> is trained
@@ -125,7 +127,10 @@ def test_sft_trainer_assistant_only_loss_trains_exactly_the_replies(repo_dir, ti
 
     text_ids, text_labels = result["text_input_ids"], result["text_labels"]
     assert text_labels == assistant_labels(text_ids, tokenizer)
-    assert tokenizer.decode([token for token in text_labels if token != IGNORE_INDEX]) == "world <|im_end|> hello<|im_end|>"
+    assert (
+        tokenizer.decode([token for token in text_labels if token != IGNORE_INDEX])
+        == "world <|im_end|> hello<|im_end|>"
+    )
 
     # Image slots: TRL's plain collator labels them, the model's loss ignores them.
     assert result["slot_labels"] == 2 * 256

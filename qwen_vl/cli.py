@@ -9,15 +9,15 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict = {
-    "push": "hub_upload.push:main",
-    "train": "recipes.train:main",
-    "eval": "recipes.evaluate:main",
-    "demo": "demo.run:main",
-    "serve": "serving.openai_server:main",
-    "web": "serving.web_demo:main",
+    "push": "qwen_vl.hub_upload.push:main",
+    "train": "qwen_vl.recipes.train:main",
+    "eval": "qwen_vl.recipes.evaluate:main",
+    "demo": "qwen_vl.demo.run:main",
+    "serve": "qwen_vl.serving.openai_server:main",
+    "web": "qwen_vl.serving.web_demo:main",
     "convert": {
-        "openclip": "hub_upload.convert_openclip:main",
-        "official": "hub_upload.convert_official:main",
+        "openclip": "qwen_vl.hub_upload.convert_openclip:main",
+        "official": "qwen_vl.hub_upload.convert_official:main",
     },
 }
 
