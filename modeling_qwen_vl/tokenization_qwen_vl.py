@@ -381,9 +381,11 @@ class QwenVLTokenizer(PreTrainedTokenizer):
     ) -> list[int]:
         """
         tiktoken's `encode`. Its regex engine gives up on some long inputs (a run of about a million spaces exceeds its
-        backtracking stack); those are split into the same pre-tokenization pieces by Python's `regex` module (the
-        same pattern, whitespace spelled as the Unicode property tiktoken's engine uses) and each piece is BPE-encoded
-        whole, which is exactly what tiktoken does, so the ids are those tiktoken gives wherever it succeeds.
+        backtracking stack). Such text is cut around its long whitespace pieces, found by Python's `regex` module
+        with the same pattern (whitespace spelled as the Unicode property tiktoken's engine uses): each long piece is
+        BPE-encoded whole, which is what tiktoken does with a piece, and the text between them goes through tiktoken's
+        own pre-tokenizer, so letters and digits keep tiktoken's Unicode tables (the `regex` module's can be newer).
+        The ids are those tiktoken gives wherever it succeeds.
         """
         try:
             return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -392,14 +394,28 @@ class QwenVLTokenizer(PreTrainedTokenizer):
                 raise
         specials = self.special_tokens if allowed_special == "all" else set(allowed_special)
         splitter = re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) or "(?!)")
-        if self._piece_encoding is None:  # BPE without pre-tokenization: one piece in, its ids out
-            self._piece_encoding = tiktoken.Encoding(
-                "qwen_vl_piece", pat_str=r"[\s\S]+", mergeable_ranks=self.mergeable_ranks, special_tokens={}
+        if self._piece_encoding is None:
+            self._piece_encoding = (
+                # BPE without pre-tokenization: one piece in, its ids out
+                tiktoken.Encoding("qwen_vl_piece", pat_str=r"[\s\S]+", mergeable_ranks=self.mergeable_ranks, special_tokens={}),
+                # tiktoken's pre-tokenization and BPE, for the text between long whitespace pieces
+                tiktoken.Encoding("qwen_vl_text", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens={}),
             )
+        piece_encoding, text_encoding = self._piece_encoding
+
+        def encode_segment(segment: str) -> list[int]:
+            ids, between = [], []
+            for piece in _pieces(segment):
+                if len(piece) > _LONG_PIECE and piece.isspace():
+                    ids += text_encoding.encode_ordinary("".join(between)) + piece_encoding.encode_ordinary(piece)
+                    between = []
+                else:
+                    between.append(piece)
+            return ids + text_encoding.encode_ordinary("".join(between))
+
         ids, position = [], 0
         for match in [*splitter.finditer(text), None]:
-            segment = text[position : match.start() if match else len(text)]
-            ids += [i for piece in _pieces(segment) for i in self._piece_encoding.encode_ordinary(piece)]
+            ids += encode_segment(text[position : match.start() if match else len(text)])
             if match:
                 ids.append(self.special_tokens[match.group()])
                 position = match.end()
@@ -632,6 +648,8 @@ def _pieces(text: str) -> list[str]:
 
 
 _PIECE_PATTERN = None
+# Whitespace pieces longer than this are BPE-encoded on their own when tiktoken's regex engine gives up.
+_LONG_PIECE = 256
 
 
 def _find(ids: list[int], token_id: int, start: int) -> int:
