@@ -395,11 +395,12 @@ class QwenVLTokenizer(PreTrainedTokenizer):
         specials = self.special_tokens if allowed_special == "all" else set(allowed_special)
         splitter = re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)) or "(?!)")
         if self._piece_encoding is None:
+            ranks = self.mergeable_ranks
             self._piece_encoding = (
                 # BPE without pre-tokenization: one piece in, its ids out
-                tiktoken.Encoding("qwen_vl_piece", pat_str=r"[\s\S]+", mergeable_ranks=self.mergeable_ranks, special_tokens={}),
+                tiktoken.Encoding("qwen_vl_piece", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={}),
                 # tiktoken's pre-tokenization and BPE, for the text between long whitespace pieces
-                tiktoken.Encoding("qwen_vl_text", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens={}),
+                tiktoken.Encoding("qwen_vl_text", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={}),
             )
         piece_encoding, text_encoding = self._piece_encoding
 
