@@ -12,10 +12,10 @@ import shutil
 
 import torch
 from transformers import Trainer
-
-from .freezing import parameter_group
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .freezing import parameter_group
 
 # Not matched by `checkpoint-*` (rotation) nor `checkpoint-N` (resuming); `_*` is also left out of Hub uploads.
 STAGING_DIR = "_tmp_checkpoints"
