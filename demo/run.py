@@ -90,8 +90,8 @@ FULL = DemoSize(
           "weight_decay": 0.05},
     lm={"max_steps": 1000, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 20},
     # The pretrained ViT trains at a tenth of the LM's learning rate (`vision_learning_rate`): at the full rate,
-    # 300 multitask steps turn the adapter's output into one image-independent vector (spread across images 0.047,
-    # against 0.35 at the lower rate), and the chat model after stage 3 falls from 0.69 to 0.44 on counting.
+    # 300 multitask steps turn the adapter's output into one image-independent vector (spread across images 0.35 ->
+    # 0.047; it stays 0.35 at the lower rate), and the chat model after stage 3 falls from 0.69 to 0.44 on counting.
     stages={
         "pretrain": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 2e-4,
                      "vision_learning_rate": 5e-5, "warmup_steps": 10},
