@@ -76,7 +76,11 @@ def patch_labels(targets: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.
 
 class ShapesHead(nn.Module):
     """Dense shapes objective on the ViT's patch tokens [B, P, width]: each patch predicts the kind and colour of the
-    shape it lies in (or background) and that shape's box, so every patch learns what and where its shape is."""
+    shape it lies in (or background), that shape's box, and the box's digits as the LM writes them.
+
+    `digits` [B, P, 4 coordinates, 2 places, 11]: the hundreds and tens digit of x1, y1, x2, y2 on the 0-1000 scale of
+    `<box>(x1,y1),(x2,y2)</box>`, class 10 = background. Features that hold the digits as classes let the language
+    model read a box off the image tokens with a linear map instead of learning to discretise a coordinate."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -84,20 +88,31 @@ class ShapesHead(nn.Module):
         self.kind = nn.Linear(width, len(KINDS) + 1)
         self.colour = nn.Linear(width, len(COLOURS) + 1)
         self.box = nn.Linear(width, 4)
+        self.digits = nn.Linear(width, 4 * 2 * 11)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tokens = self.norm(tokens)
-        return self.kind(tokens), self.colour(tokens), self.box(tokens).sigmoid()
+        digits = self.digits(tokens).unflatten(-1, (4, 2, 11))
+        return self.kind(tokens), self.colour(tokens), self.box(tokens).sigmoid(), digits
+
+
+def box_digits(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes [..., 4] as fractions of the side -> [..., 4, 2] hundreds and tens digits on the 0-1000 scale (as
+    `format_grounding` writes them: int(value * 1000))."""
+    values = (boxes * 1000).long().clamp(0, 999)
+    return torch.stack([values // 100, values // 10 % 10], dim=-1)
 
 
 def shapes_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on each patch's kind and colour plus L1 (x5) on the boxes of the patches inside a shape."""
-    kind_logits, colour_logits, boxes = outputs
+    """Cross-entropy on each patch's kind, colour and box digits (background: class 10) plus L1 (x5) on the boxes of
+    the patches inside a shape."""
+    kind_logits, colour_logits, boxes, digit_logits = outputs
     kind, colour, true_boxes = patch_labels(targets, round(kind_logits.shape[1] ** 0.5))
     foreground = kind > 0
+    digits = torch.where(foreground[..., None, None], box_digits(true_boxes), 10)
     loss = F.cross_entropy(kind_logits.flatten(0, 1), kind.flatten()) + F.cross_entropy(
         colour_logits.flatten(0, 1), colour.flatten()
-    )
+    ) + F.cross_entropy(digit_logits.flatten(0, -2), digits.flatten())
     if foreground.any():
         loss = loss + 5 * F.l1_loss(boxes[foreground], true_boxes[foreground])
     return loss
@@ -113,9 +128,9 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def shapes_metrics(outputs, targets: torch.Tensor) -> dict[str, float]:
     """Per shape: kind accuracy (patch logits averaged over its patches) and IoU >= 0.5 share (patch boxes averaged)."""
-    kind_logits, colour_logits, boxes = outputs
+    kind_logits, colour_logits, boxes, digit_logits = outputs
     kind, colour, _ = patch_labels(targets, round(kind_logits.shape[1] ** 0.5))
-    hits, ious, colours = [], [], []
+    hits, ious, colours, digits = [], [], [], []
     for b in range(targets.shape[0]):
         for shape in targets[b]:
             if shape[0] < 0:
@@ -126,7 +141,9 @@ def shapes_metrics(outputs, targets: torch.Tensor) -> dict[str, float]:
             hits.append(float(kind_logits[b][mask].mean(0)[1:].argmax() == shape[0]))
             colours.append(float(colour_logits[b][mask].mean(0)[1:].argmax() == shape[1]))
             ious.append(float(box_iou(boxes[b][mask].mean(0), shape[2:])))
-    return {"kind": float(np.mean(hits)), "colour": float(np.mean(colours)), "iou50": float(np.mean(np.array(ious) >= 0.5))}
+            digits.append(float((digit_logits[b][mask].mean(0).argmax(-1) == box_digits(shape[2:]))[:, 0].float().mean()))
+    return {"kind": float(np.mean(hits)), "colour": float(np.mean(colours)), "iou50": float(np.mean(np.array(ious) >= 0.5)),
+            "hundreds_digit": float(np.mean(digits))}
 
 
 class VisionTower(nn.Module):

@@ -130,6 +130,13 @@ class RecipeArguments:
     image_size: int | None = field(default=None, metadata={"help": "Image side (default: 224 pretrain, else 448)."})
     max_length: int = field(default=2048, metadata={"help": "Longest example, and packed row, in tokens."})
     packing: bool | None = field(default=None, metadata={"help": "Pack same-task examples (default: multitask)."})
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the ViT (default: --learning_rate). A pretrained ViT trained at a language "
+            "model's learning rate can lose its features, and the adapter's output then stops depending on the image."
+        },
+    )
 
 
 def load_model(model_args: ModelArguments) -> QwenVLForConditionalGeneration:
@@ -246,6 +253,7 @@ def run(argv: list[str]) -> RecipeTrainer:
         data_collator=collator,
         processing_class=processor,
         callbacks=[SkippedRecordsCallback(collator)],
+        vision_learning_rate=recipe.vision_learning_rate,
     )
     result = trainer.train(resume_from_checkpoint=resume)
 

@@ -1,4 +1,4 @@
-"""The recipes' `Trainer`: atomic checkpoints, and a stop on a non-finite loss.
+"""The recipes' `Trainer`: atomic checkpoints, a stop on a non-finite loss, and an own learning rate for the ViT.
 
 Checkpoints are written under `<output_dir>/_tmp_checkpoints/checkpoint-N` and renamed to `<output_dir>/checkpoint-N`
 once every process has written its files, so a run killed while saving never leaves a partial `checkpoint-N` for
@@ -14,6 +14,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .freezing import parameter_group
 
 # Not matched by `checkpoint-*` (rotation) nor `checkpoint-N` (resuming); `_*` is also left out of Hub uploads.
 STAGING_DIR = "_tmp_checkpoints"
@@ -31,6 +33,29 @@ class RecipeTrainer(Trainer):
     """
 
     _staging = False  # while True, `Trainer._save_checkpoint` writes into the staging directory
+
+    def __init__(self, *args, vision_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vision_learning_rate = vision_learning_rate
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`; with `vision_learning_rate`, the ViT's parameters (the `vit` group of
+        `recipes.freezing`) get that learning rate in their own parameter groups (the scheduler scales every group)."""
+        optimizer = super().create_optimizer(model)
+        if self.vision_learning_rate is None:
+            return optimizer
+        model = self.model if model is None else model
+        vit = {id(p) for name, p in model.named_parameters() if _is_vit(name)}
+        groups = []
+        for group in optimizer.param_groups:
+            for in_vit in (False, True):
+                params = [p for p in group["params"] if (id(p) in vit) == in_vit]
+                if params:
+                    groups.append({**group, "params": params, **({"lr": self.vision_learning_rate} if in_vit else {})})
+        optimizer.param_groups.clear()  # regrouped before any step, so there is no optimizer state to move
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -85,6 +110,14 @@ class RecipeTrainer(Trainer):
                 "checkpoints saved so far are intact."
             )
         return loss
+
+
+def _is_vit(name: str) -> bool:
+    """Whether a parameter (official name, or under PEFT's `base_model.model.` prefix) is in the ViT group."""
+    try:
+        return parameter_group(name.removeprefix("base_model.model.")) == "vit"
+    except ValueError:  # a parameter the freezing groups do not know (e.g. a LoRA matrix's own name)
+        return False
 
 
 def _fsync_tree(path: str):

@@ -52,6 +52,21 @@ def test_stages_train_exactly_their_groups_and_chain(train_recipe, workspace):
     assert results["skipped_records"] >= 0 and trainer.data_collator.skipped.keys() <= {"missing_image"}
 
 
+def test_vision_learning_rate_applies_to_the_vit_only(train_recipe, workspace):
+    """--vision_learning_rate gives the ViT's parameters their own learning rate (scheduled like the others); 0
+    leaves the ViT unchanged while the adapter and the LM train."""
+    model, data, tmp_path = workspace
+    trainer = train_recipe(
+        "multitask", model, data["multitask"], tmp_path / "out", "--max_steps", "2", "--vision_learning_rate", "0"
+    )
+    vit = {id(p) for name, p in trainer.model.named_parameters() if parameter_group(name) == "vit"}
+    for group in trainer.optimizer.param_groups:
+        in_vit = {id(p) in vit for p in group["params"]}
+        assert len(in_vit) == 1 and (group["initial_lr"] == 0) == in_vit.pop()
+    groups = changed_groups(load_file(model / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors"))
+    assert groups == {"vit": {False}, "adapter": {True}, "llm": {True}}
+
+
 def test_loss_falls_when_overfitting(train_recipe, workspace):
     model, data, tmp_path = workspace
     subset = data["sft"].with_name("two.json")
