@@ -20,8 +20,10 @@ def eval_records(scenes: list[Scene]) -> dict[str, list[dict]]:
     grounding, counting, caption = [], [], []
     for scene in scenes:
         side = scene.image_size
-        grounding += [{"image": scene.image, "sent": f"the {shape.name}", "bbox": list(shape.box), "width": side,
-                       "height": side} for shape in scene.shapes]
+        grounding += [
+            {"image": scene.image, "sent": f"the {shape.name}", "bbox": list(shape.box), "width": side, "height": side}
+            for shape in scene.shapes
+        ]
         counting.append({"image": scene.image, "question": COUNT_PROMPT, "answer": count_answer(scene)})
         caption.append({"image": scene.image, "objects": [shape.name for shape in scene.shapes]})
     return {"grounding": grounding, "counting": counting, "caption": caption}
@@ -76,8 +78,11 @@ def plot_grounding(predictions: dict[str, list[dict]], root: Path, path: Path, c
         with Image.open(Path(root) / name) as image:
             image = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
         image = _true_boxes(image, [q["bbox"] for q in queries], scale)
-        predicted = [{"phrase": q["sent"].removeprefix("the "), "box": tuple(v * scale for v in q["pred_bbox"])}
-                     for q in queries if q["pred_bbox"] is not None]
+        predicted = [
+            {"phrase": q["sent"].removeprefix("the "), "box": tuple(v * scale for v in q["pred_bbox"])}
+            for q in queries
+            if q["pred_bbox"] is not None
+        ]
         axis.imshow(draw_grounding(image, predicted, line_width=2))
         hits = sum(q["correct"] for q in queries)
         axis.set_title(f"IoU≥0.5: {hits}/{len(queries)}, count: {counts.get(name)}", fontsize=9)

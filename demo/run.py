@@ -80,23 +80,42 @@ FULL = DemoSize(
     heldout_images=200,
     num_merges=1000,
     model={
-        "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "kv_channels": 32,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "kv_channels": 32,
         "intermediate_size": 512,
         "visual": {"width": 128, "layers": 3, "heads": 4, "mlp_ratio": 2.0, "patch_size": 14, "n_queries": 16},
     },
     # Shape kinds break through only after ~500 ViT steps (0.93 at 1500, benchmarks/demo_vision_probe.py); the LM
     # copies the question's phrase after ~1000 steps (not at 200). See the README's demo section.
-    clip={"max_steps": 1500, "per_device_train_batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50,
-          "weight_decay": 0.05},
+    clip={
+        "max_steps": 1500,
+        "per_device_train_batch_size": 64,
+        "learning_rate": 1e-3,
+        "warmup_steps": 50,
+        "weight_decay": 0.05,
+    },
     lm={"max_steps": 1000, "per_device_train_batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 20},
     # The pretrained ViT trains at a tenth of the LM's learning rate (`vision_learning_rate`): at the full rate,
     # 300 multitask steps turn the adapter's output into one image-independent vector (spread across images 0.35 ->
     # 0.047; it stays 0.35 at the lower rate), and the chat model after stage 3 falls from 0.69 to 0.44 on counting.
     stages={
-        "pretrain": {"max_steps": 100, "per_device_train_batch_size": 32, "learning_rate": 2e-4,
-                     "vision_learning_rate": 5e-5, "warmup_steps": 10},
-        "multitask": {"max_steps": 300, "per_device_train_batch_size": 32, "learning_rate": 1e-3,
-                      "vision_learning_rate": 1e-4, "warmup_steps": 30, "max_length": 512},
+        "pretrain": {
+            "max_steps": 100,
+            "per_device_train_batch_size": 32,
+            "learning_rate": 2e-4,
+            "vision_learning_rate": 5e-5,
+            "warmup_steps": 10,
+        },
+        "multitask": {
+            "max_steps": 300,
+            "per_device_train_batch_size": 32,
+            "learning_rate": 1e-3,
+            "vision_learning_rate": 1e-4,
+            "warmup_steps": 30,
+            "max_length": 512,
+        },
         # Stage 3's dialogues ask every held-out question (caption, count, where each shape is): measured from the
         # stage-0 checkpoint, 700 steps give 0.89 / 0.14 / 0.12 (counting / caption / grounding, 64 images) where
         # 400 give 0.77 / 0.08 / 0.06, so the budget goes here.
@@ -109,18 +128,31 @@ FAST = DemoSize(
     heldout_images=16,
     num_merges=400,
     model={
-        "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "kv_channels": 32,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "kv_channels": 32,
         "intermediate_size": 256,
         "visual": {"width": 64, "layers": 1, "heads": 2, "mlp_ratio": 2.0, "patch_size": 14, "n_queries": 4},
     },
     clip={"max_steps": 20, "per_device_train_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 2},
     lm={"max_steps": 20, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2},
     stages={
-        "pretrain": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
-                     "vision_learning_rate": 3e-4, "warmup_steps": 0},
-        "multitask": {"max_steps": 60, "per_device_train_batch_size": 16, "learning_rate": 3e-3,
-                      "vision_learning_rate": 3e-4, "warmup_steps": 5,
-                      "max_length": 512},
+        "pretrain": {
+            "max_steps": 10,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-3,
+            "vision_learning_rate": 3e-4,
+            "warmup_steps": 0,
+        },
+        "multitask": {
+            "max_steps": 60,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 3e-3,
+            "vision_learning_rate": 3e-4,
+            "warmup_steps": 5,
+            "max_length": 512,
+        },
         "sft": {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10},
     },
     lm_block_size=64,
@@ -148,7 +180,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build_data(data_dir: Path, size: DemoSize, seed: int) -> tuple[dict[str, Path], list[world.Scene], list[world.Scene]]:
+def build_data(
+    data_dir: Path, size: DemoSize, seed: int
+) -> tuple[dict[str, Path], list[world.Scene], list[world.Scene]]:
     """Draw the train and held-out scenes and write one data file per stage (stage 0's OpenCLIP CSV included) and
     the held-out `qwen-vl eval` files; returns the files, the train scenes and the held-out scenes."""
     train = world.generate_scenes(data_dir, "train", size.train_images, size.image_size, seed)
@@ -190,32 +224,70 @@ def build_stage0(out: Path, files, train, tokenizer, size: DemoSize, seed: int, 
         clip_config = stage0.register_clip_config(out / "configs", "shapes-clip", size.image_size, visual, 48)
         probe = stage0.draw_batch(random.Random(f"{seed}-probe"), size.heldout_images, size.image_size)
         weights, probe_metrics = stage0.train_clip(
-            clip_config.stem, files["clip"], train, out / "stages" / "stage0_vision",
-            {**size.common, **size.clip}, size.shapes_weight, seed, heldout=probe,
+            clip_config.stem,
+            files["clip"],
+            train,
+            out / "stages" / "stage0_vision",
+            {**size.common, **size.clip},
+            size.shapes_weight,
+            seed,
+            heldout=probe,
         )
         print(f"Stage-0 ViT on fresh images (shapes head): {probe_metrics}", flush=True)
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     lm_config = QwenVLConfig(
-        **{k: v for k, v in size.model.items() if k != "visual"}, vocab_size=vocab_size,
-        visual={"width": 32, "layers": 1, "heads": 1, "mlp_ratio": 2.0, "patch_size": 14, "n_queries": 4, "image_size": 28,
-                "output_dim": size.model["hidden_size"], "image_start_id": tokenizer.img_start_id},
+        **{k: v for k, v in size.model.items() if k != "visual"},
+        vocab_size=vocab_size,
+        visual={
+            "width": 32,
+            "layers": 1,
+            "heads": 1,
+            "mlp_ratio": 2.0,
+            "patch_size": 14,
+            "n_queries": 4,
+            "image_size": 28,
+            "output_dim": size.model["hidden_size"],
+            "image_start_id": tokenizer.img_start_id,
+        },
     )
     with timer("stage0_lm"):
         lm_dir = stage0.pretrain_lm(
-            stage0.world_texts(train, seed), tokenizer, lm_config, out / "stages" / "stage0_lm",
-            {**size.common, **size.lm}, size.lm_block_size, seed,
+            stage0.world_texts(train, seed),
+            tokenizer,
+            lm_config,
+            out / "stages" / "stage0_lm",
+            {**size.common, **size.lm},
+            size.lm_block_size,
+            seed,
         )
     init = out / "stages" / "init"
-    argv = ["--open-clip-model", str(clip_config), "--pretrained", str(weights), "--qwen-lm", str(lm_dir),
-            "--out", str(init), "--image-size", str(size.image_size), "--n-queries", str(visual["n_queries"]),
-            "--image-start-id", str(tokenizer.img_start_id)]
+    argv = [
+        "--open-clip-model",
+        str(clip_config),
+        "--pretrained",
+        str(weights),
+        "--qwen-lm",
+        str(lm_dir),
+        "--out",
+        str(init),
+        "--image-size",
+        str(size.image_size),
+        "--n-queries",
+        str(visual["n_queries"]),
+        "--image-start-id",
+        str(tokenizer.img_start_id),
+    ]
     print("qwen-vl convert openclip " + " ".join(argv), flush=True)
     torch.manual_seed(seed)  # the adapter is freshly initialised by the conversion
     if convert_openclip(argv) != 0:
         raise RuntimeError("qwen-vl convert openclip failed")
     GenerationConfig(
-        chat_format="chatml", max_window_size=6144, max_new_tokens=64, do_sample=False,
-        eos_token_id=tokenizer.chat_stop_ids, pad_token_id=tokenizer.eod_id,
+        chat_format="chatml",
+        max_window_size=6144,
+        max_new_tokens=64,
+        do_sample=False,
+        eos_token_id=tokenizer.chat_stop_ids,
+        pad_token_id=tokenizer.eod_id,
     ).save_pretrained(init)
     image_processor = QwenVLImageProcessor(size={"height": size.image_size, "width": size.image_size})
     QwenVLProcessor(image_processor, tokenizer).save_pretrained(init)
@@ -231,8 +303,19 @@ def train_stage(stage: str, model: Path, data: Path, out: Path, size: DemoSize, 
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
     output_dir = out / "stages" / stage
-    argv = [stage, "--config", str(config), "--model", str(model), "--data", str(data),
-            "--image_root", str(data.parent), "--output_dir", str(output_dir)]
+    argv = [
+        stage,
+        "--config",
+        str(config),
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--image_root",
+        str(data.parent),
+        "--output_dir",
+        str(output_dir),
+    ]
     print("qwen-vl train " + " ".join(argv), flush=True)
     if train_main(argv) != 0:
         raise RuntimeError(f"qwen-vl train {stage} failed")
@@ -247,8 +330,15 @@ def evaluate_heldout(model, processor, files, data_dir: Path, out: Path, size: D
         records = [json.loads(line) for line in files[f"eval_{task}"].read_text().splitlines()]
         prompt, max_new_tokens = EVAL_PROMPTS[task]
         metrics[task], predictions[task] = evaluate(
-            model, processor, eval_task, records, image_root=data_dir, chat=True, prompt=prompt,
-            batch_size=size.eval_batch_size, max_new_tokens=max_new_tokens,
+            model,
+            processor,
+            eval_task,
+            records,
+            image_root=data_dir,
+            chat=True,
+            prompt=prompt,
+            batch_size=size.eval_batch_size,
+            max_new_tokens=max_new_tokens,
         )
         write_results(out / "eval", metrics[task], predictions[task], name=f"{task}_")
     return metrics, predictions
@@ -269,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     with timer("data"):
         files, train, heldout = build_data(out / "data", size, args.seed)
     with timer("tokenizer"):
-        tokenizer = build_tokenizer(corpus(files), out / "tokenizer", size.num_merges, size.model["visual"]["n_queries"])
+        tokenizer = build_tokenizer(
+            corpus(files), out / "tokenizer", size.num_merges, size.model["visual"]["n_queries"]
+        )
         print(f"BPE vocabulary: {len(tokenizer.mergeable_ranks)} ranks (256 bytes + merges) in {out / 'tokenizer'}")
     model, stage0_metrics = build_stage0(out, files, train, tokenizer, size, args.seed, timer)
     stage_dirs = {}

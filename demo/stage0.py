@@ -34,13 +34,15 @@ MAX_SHAPES = 4
 
 
 def to_pixels(image) -> torch.Tensor:
-    """A PIL image at the model's size -> [3, S, S] normalised with the CLIP mean and std (as `QwenVLImageProcessor`)."""
+    """A PIL image at the model's size -> [3, S, S], normalised with the CLIP mean and std (as
+    `QwenVLImageProcessor` does)."""
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (array - CLIP_MEAN) / CLIP_STD
 
 
 def shape_targets(scene: world.Scene) -> torch.Tensor:
-    """[MAX_SHAPES, 6]: (kind index, colour index, x1, y1, x2, y2 as fractions of the side) per shape, kind -1 = none."""
+    """[MAX_SHAPES, 6]: (kind index, colour index, x1, y1, x2, y2 as fractions of the side) per shape; kind -1 marks
+    no shape."""
     targets = torch.full((MAX_SHAPES, 6), -1.0)
     for row, shape in zip(targets, scene.shapes):
         row[0], row[1] = KINDS.index(shape.kind), COLOURS.index(shape.colour)
@@ -65,7 +67,13 @@ def patch_labels(targets: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.
     cy, cx = torch.meshgrid(centres, centres, indexing="ij")
     cx, cy = cx.flatten()[None, None], cy.flatten()[None, None]  # [1, 1, P]
     box = targets[..., 2:, None]  # [B, M, 4, 1]
-    inside = (targets[..., 0:1] >= 0) & (cx >= box[:, :, 0]) & (cx < box[:, :, 2]) & (cy >= box[:, :, 1]) & (cy < box[:, :, 3])
+    inside = (
+        (targets[..., 0:1] >= 0)
+        & (cx >= box[:, :, 0])
+        & (cx < box[:, :, 2])
+        & (cy >= box[:, :, 1])
+        & (cy < box[:, :, 3])
+    )
     owner = inside.float().argmax(1)  # [B, P]: index of the shape holding the patch centre
     found = inside.any(1)
     picked = torch.gather(targets, 1, owner[..., None].expand(-1, -1, 6))  # [B, P, 6]
@@ -110,9 +118,11 @@ def shapes_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
     kind, colour, true_boxes = patch_labels(targets, round(kind_logits.shape[1] ** 0.5))
     foreground = kind > 0
     digits = torch.where(foreground[..., None, None], box_digits(true_boxes), 10)
-    loss = F.cross_entropy(kind_logits.flatten(0, 1), kind.flatten()) + F.cross_entropy(
-        colour_logits.flatten(0, 1), colour.flatten()
-    ) + F.cross_entropy(digit_logits.flatten(0, -2), digits.flatten())
+    loss = (
+        F.cross_entropy(kind_logits.flatten(0, 1), kind.flatten())
+        + F.cross_entropy(colour_logits.flatten(0, 1), colour.flatten())
+        + F.cross_entropy(digit_logits.flatten(0, -2), digits.flatten())
+    )
     if foreground.any():
         loss = loss + 5 * F.l1_loss(boxes[foreground], true_boxes[foreground])
     return loss
@@ -141,21 +151,34 @@ def shapes_metrics(outputs, targets: torch.Tensor) -> dict[str, float]:
             hits.append(float(kind_logits[b][mask].mean(0)[1:].argmax() == shape[0]))
             colours.append(float(colour_logits[b][mask].mean(0)[1:].argmax() == shape[1]))
             ious.append(float(box_iou(boxes[b][mask].mean(0), shape[2:])))
-            digits.append(float((digit_logits[b][mask].mean(0).argmax(-1) == box_digits(shape[2:]))[:, 0].float().mean()))
-    return {"kind": float(np.mean(hits)), "colour": float(np.mean(colours)), "iou50": float(np.mean(np.array(ious) >= 0.5)),
-            "hundreds_digit": float(np.mean(digits))}
+            digits.append(
+                float((digit_logits[b][mask].mean(0).argmax(-1) == box_digits(shape[2:]))[:, 0].float().mean())
+            )
+    return {
+        "kind": float(np.mean(hits)),
+        "colour": float(np.mean(colours)),
+        "iou50": float(np.mean(np.array(ious) >= 0.5)),
+        "hundreds_digit": float(np.mean(digits)),
+    }
 
 
 class VisionTower(nn.Module):
     """An OpenCLIP ViT with `ShapesHead` on its patch tokens (the probe's model; stage 0 adds the text tower)."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int = 4, mlp_ratio: float = 2.0):
+    def __init__(
+        self, image_size: int, patch_size: int, width: int, layers: int, heads: int = 4, mlp_ratio: float = 2.0
+    ):
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
         self.visual = VisionTransformer(
-            image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
-            mlp_ratio=mlp_ratio, output_dim=width,
+            image_size=image_size,
+            patch_size=patch_size,
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            output_dim=width,
         )
         self.head = ShapesHead(width)
 
@@ -176,9 +199,14 @@ def register_clip_config(directory: Path, name: str, image_size: int, visual: di
 
     config = {
         "embed_dim": visual["width"],
-        "vision_cfg": {"image_size": image_size, "layers": visual["layers"], "width": visual["width"],
-                       "head_width": visual["width"] // visual["heads"], "mlp_ratio": visual["mlp_ratio"],
-                       "patch_size": visual["patch_size"]},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": visual["layers"],
+            "width": visual["width"],
+            "head_width": visual["width"] // visual["heads"],
+            "mlp_ratio": visual["mlp_ratio"],
+            "patch_size": visual["patch_size"],
+        },
         "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
     }
     path = Path(directory) / f"{name}.json"
@@ -207,7 +235,11 @@ class ShapesCLIP(nn.Module):
         text_features = self.clip.encode_text(text, normalize=True)
         contrastive = self.clip_loss(image_features, text_features, self.clip.logit_scale.exp())
         shapes = shapes_loss(self.head(visual["image_intermediates"][-1]), shape_targets)
-        return {"loss": contrastive + self.shapes_weight * shapes, "contrastive": contrastive.detach(), "shapes": shapes.detach()}
+        return {
+            "loss": contrastive + self.shapes_weight * shapes,
+            "contrastive": contrastive.detach(),
+            "shapes": shapes.detach(),
+        }
 
 
 class CaptionedScenes(Dataset):
@@ -239,7 +271,13 @@ def write_clip_csv(path: Path, scenes: list[world.Scene]) -> Path:
 
 
 def train_clip(
-    model_name: str, csv_path: Path, scenes, output_dir: Path, settings: dict, shapes_weight: float, seed: int,
+    model_name: str,
+    csv_path: Path,
+    scenes,
+    output_dir: Path,
+    settings: dict,
+    shapes_weight: float,
+    seed: int,
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Path, dict]:
     """Train the registered OpenCLIP model `model_name` on the CSV with `Trainer` (`settings` are its
@@ -254,9 +292,11 @@ def train_clip(
     model = ShapesCLIP(clip, shapes_weight)
 
     def collate(items):
-        return {"pixel_values": torch.stack([i["pixel_values"] for i in items]),
-                "text": tokenizer([i["caption"] for i in items]),
-                "shape_targets": torch.stack([i["shape_targets"] for i in items])}
+        return {
+            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "text": tokenizer([i["caption"] for i in items]),
+            "shape_targets": torch.stack([i["shape_targets"] for i in items]),
+        }
 
     args = TrainingArguments(output_dir=str(output_dir), seed=seed, remove_unused_columns=False, **settings)
     trainer = Trainer(model=model, args=args, train_dataset=CaptionedScenes(csv_path, scenes), data_collator=collate)
@@ -285,12 +325,16 @@ def world_texts(scenes: list[world.Scene], seed: int) -> list[str]:
     texts = []
     for scene in scenes:
         texts += [world.caption(scene), world.grounded_caption(scene)]
-        texts += [f"{question}\n{answer}" for question, answer in world.vqa_pairs(scene, rng) + world.grounding_pairs(scene)]
+        texts += [
+            f"{question}\n{answer}" for question, answer in world.vqa_pairs(scene, rng) + world.grounding_pairs(scene)
+        ]
     rng.shuffle(texts)
     return texts
 
 
-def pretrain_lm(texts: list[str], tokenizer, config: QwenVLConfig, output_dir: Path, settings: dict, block_size: int, seed: int) -> Path:
+def pretrain_lm(
+    texts: list[str], tokenizer, config: QwenVLConfig, output_dir: Path, settings: dict, block_size: int, seed: int
+) -> Path:
     """Pretrain the language model of `config` on `texts` (each ended by `<|endoftext|>`, concatenated and cut into
     `block_size` blocks, as transformers' `run_clm` does) with `Trainer`, and save it as a Qwen-7B-layout LM
     checkpoint (`transformer.wte/h/ln_f`, `lm_head`; no vision weights) for `qwen-vl convert openclip --qwen-lm`."""

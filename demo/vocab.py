@@ -68,9 +68,7 @@ def write_tiktoken(vocabulary: list[bytes], path: Path) -> Path:
     return path
 
 
-def build_tokenizer(
-    texts: Iterable[str], directory: Path, num_merges: int, image_span_length: int
-) -> QwenVLTokenizer:
+def build_tokenizer(texts: Iterable[str], directory: Path, num_merges: int, image_span_length: int) -> QwenVLTokenizer:
     """Train the BPE vocabulary on `texts`, write `directory/qwen.tiktoken` and load it with `QwenVLTokenizer`
     (image spans of `image_span_length` positions, the model's `n_queries`)."""
     path = write_tiktoken(train_bpe(texts, num_merges), Path(directory) / "qwen.tiktoken")

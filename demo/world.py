@@ -1,8 +1,8 @@
 """A synthetic "shapes world": images of coloured shapes with captions, VQA, grounding, text reading and dialogues.
 
 Every image holds 1-4 shapes of distinct colours (so "the red triangle" and "the red shape" always name one object;
-kinds may repeat) on a varied background, and sometimes a word written with PIL's default font. Boxes are kept in pixels; the texts use the official
-0-1000 grounding format through `format_grounding`.
+kinds may repeat) on a varied background, and sometimes a word written with PIL's default font. Boxes are kept in
+pixels; the texts use the official 0-1000 grounding format through `format_grounding`.
 """
 
 import json
@@ -150,7 +150,9 @@ def render_scene(rng: random.Random, image_size: int, word_probability: float = 
     return image.convert("RGB"), Scene("", image_size, shapes, word, word_box)
 
 
-def generate_scenes(root: Path, split: str, count: int, image_size: int, seed: int, progress: bool = True) -> list[Scene]:
+def generate_scenes(
+    root: Path, split: str, count: int, image_size: int, seed: int, progress: bool = True
+) -> list[Scene]:
     """Render `count` scenes as `root/images/{split}_NNNNN.png` (`Scene.image` is relative to `root`); deterministic
     for `seed`."""
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -270,7 +272,9 @@ def vqa_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
 
 def grounding_pairs(scene: Scene) -> list[tuple[str, str]]:
     """Referring-expression comprehension: "Where is the red triangle?" -> `<ref>the red triangle</ref><box>...`."""
-    return [(grounding_prompt(phrase), scene.grounding(phrase, shape)) for phrase, shape in referring_expressions(scene)]
+    return [
+        (grounding_prompt(phrase), scene.grounding(phrase, shape)) for phrase, shape in referring_expressions(scene)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -294,8 +298,12 @@ def multitask_records(scenes: list[Scene], rng: random.Random) -> list[dict]:
         records.append({"task": "ref", "image": image, "phrase": phrase, "box": list(scene.box_1000(shape))})
         shape = rng.choice(scene.shapes)
         records.append(
-            {"task": "grounded_caption", "image": image, "box": list(scene.box_1000(shape)),
-             "phrase": f"a {shape.size} {shape.colour} {shape.kind}"}
+            {
+                "task": "grounded_caption",
+                "image": image,
+                "box": list(scene.box_1000(shape)),
+                "phrase": f"a {shape.size} {shape.colour} {shape.kind}",
+            }
         )
         question, answer = rng.choice(vqa_pairs(scene, rng))
         records.append({"task": "vqa", "image": image, "question": question, "answer": answer})
