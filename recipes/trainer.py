@@ -40,7 +40,8 @@ class RecipeTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`Trainer.create_optimizer`; with `vision_learning_rate`, the ViT's parameters (the `vit` group of
-        `recipes.freezing`) get that learning rate in their own parameter groups (the scheduler scales every group)."""
+        `recipes.freezing`) get that learning rate in their own parameter groups (the scheduler scales every group).
+        Hand-written: `TrainingArguments` has one learning rate for all parameters."""
         optimizer = super().create_optimizer(model)
         if self.vision_learning_rate is None:
             return optimizer
