@@ -105,8 +105,9 @@ class ShapesHead(nn.Module):
 
 
 def box_digits(boxes: torch.Tensor) -> torch.Tensor:
-    """Boxes [..., 4] as fractions of the side -> [..., 4, 2] hundreds and tens digits on the 0-1000 scale (as
-    `format_grounding` writes them: int(value * 1000))."""
+    """Boxes [..., 4] as fractions of the side -> [..., 4, 2] hundreds and tens digits on the 0-1000 grid. The value
+    is truncated, where the texts' `box_to_text` rounds: the two differ by at most one grid unit, so a tens digit
+    differs only when rounding carries into it (what the demo's measured runs trained with)."""
     values = (boxes * 1000).long().clamp(0, 999)
     return torch.stack([values // 100, values // 10 % 10], dim=-1)
 
