@@ -245,5 +245,7 @@ def test_two_processes_match_one_process(train_recipe, workspace):
         load_file(tmp_path / "single" / "model.safetensors"),
         load_file(tmp_path / "ddp" / "model.safetensors"),
     )
+    # The two runs split the batch differently, so their matmuls round differently (oneDNN's float32 kernels, see
+    # `fast_linear`): after 3 steps the weights differ by up to ~1.1e-5.
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=5e-5)

@@ -178,7 +178,12 @@ def test_non_finite_loss_stops_the_run_before_the_update(train_recipe, workspace
     assert get_last_checkpoint(output_dir) == str(output_dir / "checkpoint-2")
     assert not (output_dir / STAGING_DIR).exists() and not (output_dir / "model.safetensors").exists()
 
-    monkeypatch.setattr(qwen_vl.recipes.train, "load_model", load_model)
+    def load_model_with_identity_hook(model_args):  # a hooked layer runs `nn.Linear.forward`: same kernels as above
+        model = load_model(model_args)
+        model.lm_head.register_forward_hook(lambda module, args, logits: logits)
+        return model
+
+    monkeypatch.setattr(qwen_vl.recipes.train, "load_model", load_model_with_identity_hook)
     train_recipe("sft", model, data["sft"], tmp_path / "clean", "--max_steps", "2")
     assert_same_weights(tmp_path / "clean" / "model.safetensors", output_dir / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in load_file(output_dir / "checkpoint-2" / "model.safetensors").values())
