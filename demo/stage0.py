@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from datasets import Dataset as Dataset_
 from PIL import Image
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from modeling_qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
+from modeling_qwen_vl.modeling_qwen_vl import fast_linear
 
 from . import world
 
@@ -217,6 +219,17 @@ def register_clip_config(directory: Path, name: str, image_size: int, visual: di
     return path
 
 
+class FastLinearMode(TorchFunctionMode):
+    """Sends OpenCLIP's `F.linear` calls (its MLPs and `nn.MultiheadAttention` projections) to `fast_linear`, the
+    kernel the Qwen-VL modules call, while the stage-0 ViT trains (a FULL step, batch 64, 1 thread: 0.26 -> 0.23 s).
+    OpenCLIP's modules call `F.linear` directly, so a function mode is the one way in without editing them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            return fast_linear(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 class ShapesCLIP(nn.Module):
     """An OpenCLIP CLIP model trained with `open_clip.loss.ClipLoss` on image-caption pairs plus `shapes_weight` x
     `shapes_loss` of a `ShapesHead` on the vision tower's patch tokens. `forward` returns `{"loss"}` for `Trainer`."""
@@ -301,7 +314,8 @@ def train_clip(
 
     args = TrainingArguments(output_dir=str(output_dir), seed=seed, remove_unused_columns=False, **settings)
     trainer = Trainer(model=model, args=args, train_dataset=CaptionedScenes(csv_path, scenes), data_collator=collate)
-    trainer.train()
+    with FastLinearMode():
+        trainer.train()
     trainer.save_state()
     weights = Path(output_dir) / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, weights)
