@@ -34,8 +34,8 @@ MAX_SHAPES = 4
 
 
 def to_pixels(image) -> torch.Tensor:
-    """A PIL image (or its uint8 [S, S, 3] array) at the model's size -> [3, S, S], normalised with the CLIP mean and std (as
-    `QwenVLImageProcessor` does)."""
+    """A PIL image (or its uint8 [S, S, 3] array) at the model's size -> [3, S, S], normalised with the CLIP mean and
+    std (as `QwenVLImageProcessor` does)."""
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (array - CLIP_MEAN) / CLIP_STD
 

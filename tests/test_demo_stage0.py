@@ -35,7 +35,8 @@ def test_cached_items_are_the_freshly_decoded_ones(scenes):
             assert torch.equal(item["text"], tokenizer([world.caption(scene)])[0])
             assert torch.equal(item["shape_targets"], stage0.shape_targets(scene))
     # The collated batch equals tokenizing the batch's captions at once, as OpenCLIP's training script does.
-    assert torch.equal(torch.stack([dataset[i]["text"] for i in range(8)]), tokenizer([world.caption(s) for s in train]))
+    batch = torch.stack([dataset[i]["text"] for i in range(len(train))])
+    assert torch.equal(batch, tokenizer([world.caption(scene) for scene in train]))
 
 
 def test_a_dataloader_worker_gives_the_same_losses(scenes, tmp_path):
