@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 from qwen_vl.demo import run as demo  # noqa: E402 (imported before torch: it sets the demo's OpenMP policy)
 
+# isort: split
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
