@@ -249,7 +249,9 @@ class CaptionedScenes(Dataset):
 
     Each image is decoded (kept as uint8 RGB, 3 bytes a pixel) and each caption tokenized on its first use only:
     stage 0 goes through the images several times (1500 steps x 64 of 30000), and PNG decoding and tokenizing were
-    a tenth of its step time. The items are the same as decoding anew each time."""
+    a tenth of its step time. The items are the same as decoding anew each time. The cache lives in the process that
+    reads the items: with DataLoader workers, keep them persistent (`dataloader_persistent_workers`) so that it lasts
+    from one epoch to the next."""
 
     def __init__(self, csv_path: Path, scenes: list[world.Scene], tokenizer=None):
         with open(csv_path, newline="") as file:
