@@ -36,8 +36,8 @@ MAX_SHAPES = 4
 
 
 def to_pixels(image) -> torch.Tensor:
-    """A PIL image at the model's size -> [3, S, S], normalised with the CLIP mean and std (as
-    `QwenVLImageProcessor` does)."""
+    """A PIL image (or its uint8 [S, S, 3] array) at the model's size -> [3, S, S], normalised with the CLIP mean and
+    std (as `QwenVLImageProcessor` does)."""
     array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (array - CLIP_MEAN) / CLIP_STD
 
@@ -257,22 +257,42 @@ class ShapesCLIP(nn.Module):
 
 
 class CaptionedScenes(Dataset):
-    """The rows of an OpenCLIP CSV (`filepath`, `title`) with each scene's `shape_targets`."""
+    """The rows of an OpenCLIP CSV (`filepath`, `title`) with each scene's `shape_targets`; with `tokenizer` (an
+    OpenCLIP tokenizer), also the caption's token ids `text` [context_length].
 
-    def __init__(self, csv_path: Path, scenes: list[world.Scene]):
+    Each image is decoded (kept as uint8 RGB, 3 bytes a pixel) and each caption tokenized on its first use only:
+    stage 0 goes through the images several times (1500 steps x 64 of 30000), and PNG decoding and tokenizing were
+    a tenth of its step time. The items are the same as decoding anew each time. The cache lives in the process that
+    reads the items: with DataLoader workers, keep them persistent (`dataloader_persistent_workers`) so that it lasts
+    from one epoch to the next."""
+
+    def __init__(self, csv_path: Path, scenes: list[world.Scene], tokenizer=None):
         with open(csv_path, newline="") as file:
             self.rows = list(csv.DictReader(file))
         self.root = Path(csv_path).parent
         self.targets = {scene.image: shape_targets(scene) for scene in scenes}
+        self.tokenizer = tokenizer
+        self._images: dict[int, np.ndarray] = {}
+        self._texts: dict[int, torch.Tensor] = {}
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, index):
         row = self.rows[index]
-        with Image.open(self.root / row["filepath"]) as image:
-            pixels = to_pixels(image.convert("RGB"))
-        return {"pixel_values": pixels, "caption": row["title"], "shape_targets": self.targets[row["filepath"]]}
+        if index not in self._images:
+            with Image.open(self.root / row["filepath"]) as image:
+                self._images[index] = np.asarray(image.convert("RGB"))
+        item = {
+            "pixel_values": to_pixels(self._images[index]),
+            "caption": row["title"],
+            "shape_targets": self.targets[row["filepath"]],
+        }
+        if self.tokenizer is not None:
+            if index not in self._texts:
+                self._texts[index] = self.tokenizer([row["title"]])[0]
+            item["text"] = self._texts[index]
+        return item
 
 
 def write_clip_csv(path: Path, scenes: list[world.Scene]) -> Path:
@@ -306,14 +326,11 @@ def train_clip(
     model = ShapesCLIP(clip, shapes_weight)
 
     def collate(items):
-        return {
-            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
-            "text": tokenizer([i["caption"] for i in items]),
-            "shape_targets": torch.stack([i["shape_targets"] for i in items]),
-        }
+        return {key: torch.stack([i[key] for i in items]) for key in ("pixel_values", "text", "shape_targets")}
 
     args = TrainingArguments(output_dir=str(output_dir), seed=seed, remove_unused_columns=False, **settings)
-    trainer = Trainer(model=model, args=args, train_dataset=CaptionedScenes(csv_path, scenes), data_collator=collate)
+    dataset = CaptionedScenes(csv_path, scenes, tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
     with FastLinearMode():
         trainer.train()
     trainer.save_state()

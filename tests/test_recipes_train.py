@@ -150,6 +150,23 @@ def test_resume_gives_identical_weights(train_recipe, workspace):
     assert losses[1] == losses[0]  # steps 1-2 restored from the checkpoint's state, 3 recomputed
 
 
+def test_a_dataloader_worker_gives_the_same_training(train_recipe, workspace):
+    """Collating in a DataLoader worker process (what `qwen-vl demo` does, to overlap it with the model's step) gives
+    the same batches: the same losses and weights, and the worker's skipped records are counted."""
+    model, data, tmp_path = workspace
+    trainers, weights = [], []
+    for workers in ("0", "1"):
+        output_dir = tmp_path / f"workers{workers}"
+        flags = ("--max_steps", "4", "--dataloader_num_workers", workers, "--dataloader_persistent_workers", workers)
+        trainers.append(train_recipe("sft", model, data["sft"], output_dir, *flags))
+        weights.append(load_file(output_dir / "model.safetensors"))
+    losses = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in trainers]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    skipped = [json.loads((tmp_path / f"workers{w}" / "train_results.json").read_text()) for w in "01"]
+    assert skipped[0]["skipped_records"] > 0 and skipped[1]["skipped_records"] == skipped[0]["skipped_records"]
+
+
 def test_cli_registration_and_configs():
     assert cli.main(["train", "--help"]) == 0
     from transformers import TrainingArguments
