@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, ".")
-from qwen_vl.demo import run as demo  # noqa: E402 (imported before torch: it sets the demo's OpenMP policy)
+from qwen_vl.demo import run as demo  # noqa: E402
 
 # isort: split
 import torch  # noqa: E402
