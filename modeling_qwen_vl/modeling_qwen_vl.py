@@ -79,6 +79,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad_output.reshape(-1, grad_output.shape[-1])
@@ -124,6 +125,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its class's `forward`: its own or global hooks (torch keeps the global
+    ones in `torch.nn.modules.module`), or an instance-level `forward`."""
     hooks = nn.modules.module
     return bool(
         module._forward_hooks
