@@ -325,12 +325,10 @@ def train_clip(
     tokenizer = open_clip.get_tokenizer(model_name)
     model = ShapesCLIP(clip, shapes_weight)
 
-    def collate(items):
-        return {key: torch.stack([i[key] for i in items]) for key in ("pixel_values", "text", "shape_targets")}
-
     args = TrainingArguments(output_dir=str(output_dir), seed=seed, remove_unused_columns=False, **settings)
     dataset = CaptionedScenes(csv_path, scenes, tokenizer)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    # `default_data_collator` stacks the tensors (pixel_values, text, shape_targets) and leaves out the caption string
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
     with FastLinearMode():
         trainer.train()
     trainer.save_state()
