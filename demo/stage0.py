@@ -348,16 +348,22 @@ def train_clip(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def world_texts(scenes: list[world.Scene], seed: int) -> list[str]:
-    """The text of the world, without images: captions, grounded captions, questions with their answers and
-    referring expressions with their boxes."""
+def world_texts(scenes: list[world.Scene], seed: int, questions: int = 6) -> list[str]:
+    """The text of the world, without images: one document per scene, its grounded caption followed by `questions`
+    questions with their answers (counts, attributes, referring expressions with their boxes, the caption), so the
+    answers can be read from the context above them, as they will later be read from the image.
+
+    Measured (stage 3 alone, 400 steps, 64 held-out images): caption exact-set 0.094 from an LM pretrained on these
+    documents against 0.000 from one pretrained on the same texts each on its own (both with 16 queries), and 0.203
+    against 0.047 with 64 grid-initialised queries."""
     rng = random.Random(f"{seed}-text")
     texts = []
     for scene in scenes:
-        texts += [world.caption(scene), world.grounded_caption(scene)]
-        texts += [
-            f"{question}\n{answer}" for question, answer in world.vqa_pairs(scene, rng) + world.grounding_pairs(scene)
-        ]
+        pairs = world.vqa_pairs(scene, rng) + world.grounding_pairs(scene)
+        pairs.append((world.CAPTION_PROMPT, world.caption(scene)))
+        rng.shuffle(pairs)
+        lines = [f"{question}\n{answer}" for question, answer in pairs[:questions]]
+        texts.append("\n".join([world.grounded_caption(scene), *lines]))
     rng.shuffle(texts)
     return texts
 

@@ -314,18 +314,33 @@ def multitask_records(scenes: list[Scene], rng: random.Random) -> list[dict]:
     return records
 
 
+EXTRA_TURNS = 2  # attribute, reading or grounded-caption questions at the end of a dialogue
+
+
 def dialogue(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[str, str]]:
-    """Up to `max_turns` (question, answer) turns in random order: the caption, the count and where each shape is
-    first, then other questions (attributes, other referring expressions, the grounded caption, the word)."""
-    turns = [(CAPTION_PROMPT, caption(scene)), (COUNT_PROMPT, count_answer(scene))]
-    turns += [(grounding_prompt(f"the {s.name}"), scene.grounding(f"the {s.name}", s)) for s in scene.shapes]
-    asked = {question for question, _ in turns}
-    extra = vqa_pairs(scene, rng) + grounding_pairs(scene) + [(GROUNDED_CAPTION_PROMPT, grounded_caption(scene))]
-    extra = [pair for pair in extra if pair[0] not in asked]
+    """Up to `max_turns` (question, answer) turns in which no answer can be read from the turns before it, so that
+    every answer has to come from the image, as in the held-out evaluation (single questions).
+
+    One of three orders, at random: the count, the caption, then where each shape is; the caption, then where each
+    shape is; or only where each shape is. Each shape is asked for once (by its colour and kind, or half the time by
+    another phrase that names only it), in random order; attribute, reading and grounded-caption questions (up to
+    `EXTRA_TURNS`) come last, where what they could copy no longer helps the questions above. (Asking every question
+    in random order let most answers be copied: the count from the number of "Where is" questions, the caption from
+    their phrases, a box from another phrase for the same shape.)"""
+    phrases: dict[int, list[str]] = {}
+    for phrase, shape in referring_expressions(scene):
+        phrases.setdefault(id(shape), []).append(phrase)
+    grounding = []
+    for shape in scene.shapes:
+        phrase = f"the {shape.name}" if rng.random() < 0.5 else rng.choice(phrases[id(shape)])
+        grounding.append((grounding_prompt(phrase), scene.grounding(phrase, shape)))
+    rng.shuffle(grounding)
+    count, caption_turn = (COUNT_PROMPT, count_answer(scene)), (CAPTION_PROMPT, caption(scene))
+    turns = rng.choice(([count, caption_turn], [caption_turn], [])) + grounding
+    extra = vqa_pairs(scene, rng) + [(GROUNDED_CAPTION_PROMPT, grounded_caption(scene))]
+    extra = [pair for pair in extra if pair[0] != COUNT_PROMPT]
     rng.shuffle(extra)
-    turns = (turns + extra)[:max_turns]
-    rng.shuffle(turns)
-    return turns
+    return (turns + extra[:EXTRA_TURNS])[:max_turns]
 
 
 def sft_records(scenes: list[Scene], rng: random.Random, max_turns: int = 8) -> list[dict]:

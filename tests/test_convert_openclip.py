@@ -214,6 +214,42 @@ def test_build_stage1_checkpoint(tmp_path, qwen_lm_dir):
     assert adapter and all(torch.isfinite(saved[k]).all() for k in adapter)
 
 
+def test_grid_adapter_init_starts_each_query_on_its_own_patch(tmp_path, qwen_lm_dir):
+    """`adapter_init="grid"` with one query per patch (16x16 at 224px): each query's attention falls on the 3x3
+    patches around its own, where the random initialisation spreads it over the image; the checkpoint loads
+    cleanly."""
+    lm_dir, _ = qwen_lm_dir
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 224, 224)
+
+    def attention(adapter_init: str) -> torch.Tensor:
+        out = build_stage1_checkpoint(
+            open_clip_visual(), lm_dir, None, tmp_path / adapter_init, adapter_init=adapter_init,
+            visual={"n_queries": 256},
+        )
+        model, info = QwenVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        visual, captured = model.transformer.visual, {}
+        visual.attn_pool.register_forward_pre_hook(lambda module, args: captured.update(patches=args[0]))
+        with torch.no_grad():
+            visual(pixels)
+            pool = visual.attn_pool
+            keys = pool.ln_kv(pool.kv_proj(captured["patches"])) + resize_grid_embedding(pool.pos_embed, 256)
+            query = pool.ln_q(pool.query) + pool.pos_embed
+            w_q, w_k, _ = pool.attn.in_proj_weight.chunk(3)
+            b_q, b_k, _ = pool.attn.in_proj_bias.chunk(3)
+            scores = (query @ w_q.T + b_q) @ (keys @ w_k.T + b_k).transpose(1, 2) * pool.attn.scaling
+        return scores.softmax(-1)  # [images, queries, patches] (one head: output_dim 128)
+
+    grid, random_init = attention("grid"), attention("random")
+    rows, cols = torch.arange(256) // 16, torch.arange(256) % 16
+    near = ((rows[:, None] - rows[None]).abs() <= 1) & ((cols[:, None] - cols[None]).abs() <= 1)  # 3x3 around
+    assert near[torch.arange(256), grid.argmax(-1)].all()  # every query peaks next to its own patch
+    assert (grid * near).sum(-1).min() > 0.95 and (random_init * near).sum(-1).mean() < 0.1  # uniform: 9/256
+    with pytest.raises(ValueError, match="adapter_init must be one of"):
+        build_stage1_checkpoint(open_clip_visual(), lm_dir, None, tmp_path / "bad", adapter_init="local")
+
+
 def test_build_stage1_checkpoint_refuses_mismatched_lm(tmp_path, qwen_lm_dir):
     lm_dir, lm_state = qwen_lm_dir
     config = json.loads((lm_dir / "config.json").read_text())
