@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import struct
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -449,29 +448,26 @@ class QwenVLContextScaling:
     conversation keeps the prefill's alpha) and log-n scaling of the queries (`logn_attention_scale`). Inference only:
     training uses alpha 1 and no scaling.
 
-    The alpha of each conversation is remembered per cache object in a weak map (no attribute is added to the cache;
-    the entry goes with the cache), which also tells a prefill from a decoding step inside `torch.compile`, where the
-    cache's length is on the device (`has_prefilled`). Hand-written: transformers' rotary "dynamic" scaling recomputes
-    the factor at every step from the current length, which is not the official behaviour.
+    The alpha of each conversation is kept on its cache, as the attribute `ALPHA_ATTRIBUTE`: it goes with the cache
+    and its copies, and tells a prefill from a decoding step inside `torch.compile`, where the cache's length is on
+    the device (`has_prefilled`). A compiled step then guards on that one float of the cache it is given; a map of
+    all live caches would be guarded as a whole and recompile (or fail its guards) whenever an earlier cache is freed.
+    Hand-written: transformers' rotary "dynamic" scaling recomputes the factor at every step from the current length,
+    which is not the official behaviour.
     """
+
+    ALPHA_ATTRIBUTE = "qwen_vl_prefill_ntk_alpha"
 
     def __init__(self, config: QwenVLConfig):
         self.config = config
-        self._prefill_alphas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __getstate__(self) -> dict:  # a pickled model keeps the policy, not the (weak) per-conversation entries
-        return {"config": self.config}
-
-    def __setstate__(self, state: dict):
-        self.__init__(state["config"])
 
     def has_prefilled(self, cache: Cache) -> bool:
         """Whether a prefill of this model has gone through `cache`."""
-        return cache in self._prefill_alphas
+        return self.prefill_alpha(cache) is not None
 
     def prefill_alpha(self, cache: Cache) -> float | None:
         """The dynamic-NTK alpha chosen at the prefill that filled `cache` (None if none did)."""
-        return self._prefill_alphas.get(cache)
+        return getattr(cache, self.ALPHA_ATTRIBUTE, None)
 
     def __call__(
         self, position_ids: torch.Tensor, cache: Cache | None, is_prefill: bool, training: bool
@@ -482,14 +478,14 @@ class QwenVLContextScaling:
         if is_prefill:
             ntk_alpha = dynamic_ntk_alpha(position_ids.shape[-1], self.config.seq_length) if use_ntk else 1.0
             if cache is not None:
-                self._prefill_alphas[cache] = ntk_alpha
+                setattr(cache, self.ALPHA_ATTRIBUTE, ntk_alpha)
         elif not use_ntk:
             ntk_alpha = 1.0
-        elif (ntk_alpha := self._prefill_alphas.get(cache)) is None:
-            # A filled cache no prefill of this model went through: a copy (e.g. `copy.deepcopy` for prompt reuse).
-            # Its current length stands for the prefill's (exactly so when it was copied right after the prefill).
+        elif (ntk_alpha := self.prefill_alpha(cache)) is None:
+            # A filled cache no prefill of this model went through (e.g. built by hand from saved keys and values):
+            # its current length stands for the prefill's.
             ntk_alpha = dynamic_ntk_alpha(int(cache.get_seq_length()), self.config.seq_length)
-            self._prefill_alphas[cache] = ntk_alpha
+            setattr(cache, self.ALPHA_ATTRIBUTE, ntk_alpha)
         use_logn = self.config.use_logn_attn and not training
         return ntk_alpha, logn_attention_scale(position_ids, self.config.seq_length) if use_logn else None
 

@@ -55,20 +55,27 @@ def test_static_cache_matches_dynamic_cache(tiny_model_factory, tiny_inputs):
 )
 def test_compiled_static_decoding_matches_eager(tiny_model_factory, tiny_inputs):
     """`generate` compiles the decoding step as one graph (`fullgraph=True` fails on any graph break) and gives the
-    tokens of the uncompiled dynamic-cache path, dynamic NTK included."""
+    tokens of the uncompiled dynamic-cache path, dynamic NTK included, on every call: each call has a new cache, and
+    the compiled step must neither break nor recompile when the previous call's cache is gone."""
+    import gc
+
     model = tiny_model_factory(seq_length=64).eval()
     batch = two_prompts(tiny_inputs, model.config)
-    expected = model.generate(**batch, max_new_tokens=6, **GREEDY)
+    eager = model.generate(**batch, max_new_tokens=6, return_dict_in_generate=True, **GREEDY)
+    expected = eager.sequences
     compile_config = CompileConfig(fullgraph=True, mode="default")
     compile_config._compile_all_devices = True  # generate only compiles on accelerators unless told
+    generate = dict(max_new_tokens=6, cache_implementation="static", compile_config=compile_config, **GREEDY)
     try:
-        compiled = model.generate(
-            **batch, max_new_tokens=6, cache_implementation="static", compile_config=compile_config, **GREEDY
-        )
+        first = model.generate(**batch, **generate)
         assert hasattr(model, "_compiled_call"), "generate did not take the compiled path"
+        del eager  # the caches alive while the step compiled are gone before the next call checks its guards
+        gc.collect()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            later = [model.generate(**batch, **generate) for _ in range(2)]
     finally:
         torch._dynamo.reset()
-    assert compiled.tolist() == expected.tolist()
+    assert [first.tolist(), *(tokens.tolist() for tokens in later)] == [expected.tolist()] * 3
 
 
 @pytest.mark.parametrize(
