@@ -63,6 +63,29 @@ _ONEDNN_LINEAR = (
 )
 
 
+def _compilable_onednn_linear():
+    """oneDNN's float32 linear as the custom op `qwen_vl::onednn_linear`, which `torch.compile` keeps as one opaque
+    kernel call. Inductor lowers `_linear_pointwise` only for weights that are graph constants (`freezing`, which
+    packs a second copy of every weight), so a compiled decoding step would otherwise fall back to its own, slower
+    matmuls. Registered once per process: the remote code can be imported under several module names."""
+    namespace = torch.ops.qwen_vl
+    if hasattr(namespace, "onednn_linear"):
+        return namespace.onednn_linear
+
+    @torch.library.custom_op("qwen_vl::onednn_linear", mutates_args=())
+    def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @onednn_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    return namespace.onednn_linear
+
+
+_COMPILED_ONEDNN_LINEAR = _compilable_onednn_linear() if _ONEDNN_LINEAR else None
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T on oneDNN (weight may be a strided view)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -100,8 +123,9 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     EPYC (AVX-512): a decoding step's linear layers 21.4 -> 12.6 ms at batch 1 and 31.6 -> 14.8 ms at batch 8, and a
     290-row prefill projection 9.0 -> 4.2 ms (1 thread). PyTorch has no switch for it (`torch.backends.mkldnn` only
     routes reduced-precision matmuls to oneDNN), so this picks the kernel per call. Anything else keeps `F.linear`:
-    other devices and dtypes, autocast, tensor subclasses (torchao, DTensor), quantized tensors, `torch.compile`
-    tracing (inductor chooses its own kernels) and `torch.backends.mkldnn.flags(enabled=False)`.
+    other devices and dtypes, autocast, tensor subclasses (torchao, DTensor), quantized tensors, compiled training
+    (inductor differentiates `F.linear` itself) and `torch.backends.mkldnn.flags(enabled=False)`. Compiled inference
+    calls the kernel through the custom op `qwen_vl::onednn_linear` (`_compilable_onednn_linear`).
     """
     if (
         _ONEDNN_LINEAR
@@ -113,11 +137,14 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         and x.numel() > 0
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not is_torchdynamo_compiling()
     ):
-        if torch.is_grad_enabled() and (
+        needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        ):
+        )
+        if is_torchdynamo_compiling():
+            # compiled inference (e.g. `generate`'s compiled decoding step) keeps the oneDNN kernel as a custom op
+            return F.linear(x, weight, bias) if needs_grad else _COMPILED_ONEDNN_LINEAR(x, weight, bias)
+        if needs_grad:
             return OneDNNLinearFunction.apply(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

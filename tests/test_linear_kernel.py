@@ -1,6 +1,8 @@
 """`fast_linear` / `apply_linear`: float32 CPU linear layers on oneDNN, the same results as `F.linear` up to rounding,
 and `F.linear` (or the module itself) wherever the fast kernel would change what the caller asked for."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,3 +80,24 @@ def test_apply_linear_calls_wrapped_and_hooked_layers_as_modules():
 
     scaled = Scaled(16, 8)
     torch.testing.assert_close(apply_linear(scaled, x), scaled(x))
+
+
+@needs_onednn
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler",
+)
+def test_compiled_inference_keeps_the_onednn_kernel():
+    """Under `torch.compile`, inference calls oneDNN through the custom op `qwen_vl::onednn_linear` (one graph, no
+    break) with `F.linear`'s values; compiled training differentiates `F.linear` and matches it too."""
+    x, weight, bias = torch.randn(3, 5, 48), torch.randn(40, 48), torch.randn(40)
+    compiled = torch.compile(fast_linear, fullgraph=True, backend="aot_eager")
+    try:
+        with torch.no_grad():
+            assert "qwen_vl::onednn_linear" in kernels(lambda: compiled(x, weight, bias))
+            torch.testing.assert_close(compiled(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        leaf = weight.clone().requires_grad_()
+        compiled(x, leaf, bias).sum().backward()
+        torch.testing.assert_close(leaf.grad, x.flatten(0, 1).sum(0).expand(40, -1), rtol=1e-5, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
