@@ -1,0 +1,209 @@
+"""Binding probe for the demo: can a reader pick the named shape out of 64 image tokens and write its box?
+
+Image tokens come from a demo checkpoint's (frozen) vision tower and adapter, or are "symbolic": per grid cell, the
+sum of learned embeddings of the cell's true colour, kind and box digits (what a perfect vision tower could give).
+Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 shapes. Two readers:
+
+- `--reader lm`: the checkpoint's language model, trained on `<img>...</img><ref>phrase</ref>` -> `<box>...</box>`
+  (the multitask `ref` format), loss on the box. Reported: the share of held-out boxes whose four hundreds digits
+  are all right (teacher-forced), by number of shapes. `--query-hint` adds a learned colour + kind embedding of the
+  named shape to the input of every answer position: the LM is then given the phrase where it writes the box.
+- `--reader cross-attention`: one attention layer whose query is a learned colour + kind embedding, regressing the
+  box (L1). Reported: the share with IoU >= 0.5, by number of shapes.
+
+    python benchmarks/demo_binding_probe.py demo_out/stages/init --reader lm --tokens symbolic --steps 800
+"""
+
+import argparse
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer
+
+sys.path.insert(0, ".")
+from modeling_qwen_vl import QwenVLForConditionalGeneration  # noqa: E402
+from qwen_vl.demo import stage0, world  # noqa: E402
+
+
+def draw(model, count: int, seed: int):
+    """`count` scenes: image tokens [count, n_queries, hidden], shape targets [count, 4, 6], the named shape's
+    (colour, kind) [count, 2], its grounding text and the number of shapes."""
+    rng = random.Random(seed)
+    size = model.config.visual["image_size"]
+    tokens, targets, named, texts, counts = [], [], [], [], []
+    for _ in range(0, count, 100):
+        pixels = []
+        for _ in range(100):
+            image, scene = world.render_scene(rng, size)
+            pixels.append(stage0.to_pixels(image))
+            shape = rng.choice(scene.shapes)
+            targets.append(stage0.shape_targets(scene))
+            named.append((stage0.COLOURS.index(shape.colour), stage0.KINDS.index(shape.kind)))
+            texts.append(scene.grounding(f"the {shape.colour} {shape.kind}", shape))
+            counts.append(len(scene.shapes))
+        with torch.no_grad():
+            tokens.append(model.get_image_features(torch.stack(pixels)))
+    return torch.cat(tokens), torch.stack(targets), torch.tensor(named), texts, torch.tensor(counts)
+
+
+class SymbolicTokens(nn.Module):
+    """Per cell of the 8x8 grid: embedding(kind) + embedding(colour) + the embeddings of the 8 box digits of the shape
+    holding the cell centre (background: class 0 / class 10 digits)."""
+
+    def __init__(self, hidden: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.kind, self.colour, self.digits = nn.Embedding(6, hidden), nn.Embedding(7, hidden), nn.Embedding(88, hidden)
+        for table in (self.kind, self.colour, self.digits):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        kind, colour, boxes = stage0.patch_labels(targets, self.grid)
+        digits = torch.where((kind > 0)[..., None, None], stage0.box_digits(boxes), 10)
+        slots = digits + 11 * torch.arange(8).view(4, 2)
+        return self.kind(kind) + self.colour(colour) + self.digits(slots).sum((-2, -3))
+
+
+def named_boxes(targets: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+    """The box [N, 4] (fractions) of the shape with the named (colour, kind)."""
+    match = (targets[..., 1] == named[:, None, 0]) & (targets[..., 0] == named[:, None, 1])
+    return targets[torch.arange(len(targets)), match.float().argmax(1), 2:]
+
+
+def cross_attention_probe(train, test, steps: int, lr: float):
+    tokens, targets, named, _, _ = train
+    hidden = tokens.shape[-1]
+
+    class Reader(nn.Module):
+        def __init__(self, width: int = 64):
+            super().__init__()
+            self.norm, self.colour, self.kind = nn.LayerNorm(hidden), nn.Embedding(6, width), nn.Embedding(5, width)
+            self.key, self.value = nn.Linear(hidden, width), nn.Linear(hidden, 128)
+            self.out = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 4))
+
+        def forward(self, x, q):
+            x = self.norm(x)
+            query = self.colour(q[:, 0]) + self.kind(q[:, 1])
+            weights = (torch.einsum("bd,bnd->bn", query, self.key(x)) / 8).softmax(-1)
+            return self.out(torch.einsum("bn,bnd->bd", weights, self.value(x))).sigmoid()
+
+    reader = Reader()
+    optimizer = torch.optim.AdamW(reader.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    boxes = named_boxes(targets, named)
+    test_boxes = named_boxes(test[1], test[2])
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(tokens), (64,))
+        loss = F.l1_loss(reader(tokens[index], named[index]), boxes[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 250 == 0 or step == steps:
+            with torch.no_grad():
+                hits = stage0.box_iou(reader(test[0], test[2]), test_boxes) >= 0.5
+            by_count = {n: round(hits[test[4] == n].float().mean().item(), 3) for n in (1, 2, 3, 4)}
+            print(f"step {step}: IoU >= 0.5 by number of shapes {by_count}", flush=True)
+
+
+def lm_probe(model, tokenizer, train, test, steps: int, lr: float, symbolic: bool, query_hint: bool):
+    hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
+    symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if symbolic else None
+    hint_colour, hint_kind = nn.Embedding(6, hidden), nn.Embedding(5, hidden)
+    for table in (hint_colour, hint_kind):
+        nn.init.normal_(table.weight, std=0.02)
+    state = {}
+    # the probe feeds its own image tokens (frozen features or symbols) and, with --query-hint, adds the hint
+    model.transformer.get_image_features = lambda pixel_values: state["image_tokens"]
+    if query_hint:
+        model.transformer.wte.register_forward_hook(lambda module, args, output: output + state["hint"])
+
+    def encode(text):
+        cut = text.index("<box>")
+        prompt = [start] + [start + 2] * n_queries + [start + 1] + tokenizer(text[:cut])["input_ids"]
+        return prompt, tokenizer(text[cut:])["input_ids"]
+
+    def batch(split, encoded, index):
+        tokens, targets, named, _, _ = split
+        rows = [encoded[i][0] + encoded[i][1] for i in index]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(index), width, dtype=torch.long)
+        labels = torch.full((len(index), width), -100)
+        mask = torch.zeros(len(index), width, dtype=torch.long)
+        answer = torch.zeros(len(index), width, 1)
+        for row, i in enumerate(index):
+            prompt, reply = encoded[i]
+            ids[row, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+            mask[row, : len(prompt) + len(reply)] = 1
+            labels[row, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply)
+            answer[row, len(prompt) - 1 : len(prompt) + len(reply)] = 1
+        image = symbols(targets[index]) if symbolic else tokens[index]
+        state["image_tokens"] = image.flatten(0, 1)
+        state["hint"] = answer * (hint_colour(named[index, 0]) + hint_kind(named[index, 1]))[:, None]
+        size = model.config.visual["image_size"]
+        pixels = torch.zeros(len(index), 3, size, size)  # stands in for the images: `get_image_features` ignores it
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels), labels
+
+    encoded_train = [encode(text) for text in train[3]]
+    encoded_test = [encode(text) for text in test[3]]
+    for parameter in model.transformer.visual.parameters():
+        parameter.requires_grad_(False)
+    extra = [*hint_colour.parameters(), *hint_kind.parameters(), *(symbols.parameters() if symbolic else [])]
+    parameters = [p for p in model.parameters() if p.requires_grad] + extra
+    optimizer = torch.optim.AdamW(parameters, lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    model.train()
+    for step in range(1, steps + 1):
+        inputs, labels = batch(train, encoded_train, torch.randint(0, len(encoded_train), (32,)).tolist())
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0 or step == steps:
+            model.eval()
+            hits = []
+            with torch.no_grad():
+                for first in range(0, len(encoded_test), 50):
+                    index = list(range(first, min(first + 50, len(encoded_test))))
+                    inputs, labels = batch(test, encoded_test, index)
+                    predicted = model(**inputs).logits.argmax(-1)
+                    for row, i in enumerate(index):
+                        prompt, reply = encoded_test[i]
+                        pieces = [tokenizer.decode([t]) for t in reply]
+                        hundreds = [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
+                        hits.append(all(predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds))
+            model.train()
+            hits = np.array(hits)
+            by_count = {n: round(float(hits[test[4].numpy() == n].mean()), 3) for n in (1, 2, 3, 4)}
+            print(f"step {step}: loss {loss.item():.3f}, four hundreds digits right by number of shapes {by_count}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", help="a demo checkpoint with vision tower and LM, e.g. demo_out/stages/init")
+    parser.add_argument("--reader", choices=["lm", "cross-attention"], default="lm")
+    parser.add_argument("--tokens", choices=["image", "symbolic"], default="image")
+    parser.add_argument("--query-hint", action="store_true", help="give the LM the phrase at every answer position")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = QwenVLForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+    train, test = draw(model, 6000, 1), draw(model, 400, 2)
+    if args.reader == "cross-attention":
+        cross_attention_probe(train, test, args.steps, args.lr)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
+        lm_probe(model, tokenizer, train, test, args.steps, args.lr, args.tokens == "symbolic", args.query_hint)
+
+
+if __name__ == "__main__":
+    main()
