@@ -6,8 +6,11 @@ pixels; the texts use the official 0-1000 grounding format through `format_groun
 """
 
 import json
+import multiprocessing
+import os
 import random
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,26 +69,44 @@ def _overlaps(a, b, gap: float) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    """A desaturated dark or light background: plain, a gradient, or speckled."""
-    light = rng.random() < 0.5
-    low, high = (165, 230) if light else (20, 85)
+@dataclass
+class Background:
+    """The random choices of a background: dark or light, its style, tint(s) and, when speckled, the noise seed."""
 
-    def tint():
-        base = rng.randint(low, high)
-        return np.array([min(max(base + rng.randint(-18, 18), 0), 255) for _ in range(3)], dtype=np.float32)
+    light: bool
+    style: str  # "plain", "gradient" or "speckle"
+    tint: tuple[float, float, float]
+    second_tint: tuple[float, float, float] | None = None  # gradient: the colour it fades to
+    horizontal: bool = False  # gradient: along x instead of y
+    noise_seed: int | None = None  # speckle
 
-    kind = rng.choice(("plain", "gradient", "speckle"))
-    pixels = np.broadcast_to(tint(), (size, size, 3)).copy()
-    if kind == "gradient":
-        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
-        if rng.random() < 0.5:
-            ramp = ramp.transpose(1, 0, 2)
-        pixels = pixels * (1 - ramp) + tint() * ramp
-    elif kind == "speckle":
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 12.0, (size, size, 1))
-        pixels = pixels + noise
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), light
+    @classmethod
+    def draw(cls, rng: random.Random) -> "Background":
+        light = rng.random() < 0.5
+        low, high = (165, 230) if light else (20, 85)
+
+        def tint():
+            base = rng.randint(low, high)
+            return tuple(float(min(max(base + rng.randint(-18, 18), 0), 255)) for _ in range(3))
+
+        background = cls(light, rng.choice(("plain", "gradient", "speckle")), tint())
+        if background.style == "gradient":
+            background.horizontal = rng.random() < 0.5
+            background.second_tint = tint()
+        elif background.style == "speckle":
+            background.noise_seed = rng.getrandbits(32)
+        return background
+
+    def paint(self, size: int) -> Image.Image:
+        pixels = np.broadcast_to(np.array(self.tint, dtype=np.float32), (size, size, 3)).copy()
+        if self.style == "gradient":
+            ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+            if self.horizontal:
+                ramp = ramp.transpose(1, 0, 2)
+            pixels = pixels * (1 - ramp) + np.array(self.second_tint, dtype=np.float32) * ramp
+        elif self.style == "speckle":
+            pixels = pixels + np.random.default_rng(self.noise_seed).normal(0.0, 12.0, (size, size, 1))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, colour):
@@ -106,9 +127,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box, colour):
         raise ValueError(f"Unknown shape {kind!r}; expected one of {SHAPES}")
 
 
-def render_scene(rng: random.Random, image_size: int, word_probability: float = 0.3) -> tuple[Image.Image, Scene]:
-    """Draw one random scene; returns the image and its description (the `image` path is left empty)."""
-    background, light = _background(rng, image_size)
+def _font(image_size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(max(10, round(image_size * 0.15)))
+
+
+def draw_scene(rng: random.Random, image_size: int, word_probability: float = 0.3) -> tuple[Scene, Background]:
+    """Every random choice of one scene: its shapes, its word and its background (nothing is rendered)."""
+    background = Background.draw(rng)
     shapes: list[Shape] = []
     count = rng.randint(1, 4)
     pairs = list(zip(rng.sample(tuple(COLOURS), count), rng.choices(SHAPES, k=count)))
@@ -123,10 +148,9 @@ def render_scene(rng: random.Random, image_size: int, word_probability: float = 
                 break
 
     word = word_box = None
-    font = ImageFont.load_default(max(10, round(image_size * 0.15)))
     if rng.random() < word_probability:
         candidate = rng.choice(WORDS)
-        left, top, right, bottom = font.getbbox(candidate)
+        left, top, right, bottom = _font(image_size).getbbox(candidate)
         for _ in range(50):
             x = rng.uniform(1, image_size - (right - left) - 1)
             y = rng.uniform(1, image_size - (bottom - top) - 1)
@@ -134,35 +158,70 @@ def render_scene(rng: random.Random, image_size: int, word_probability: float = 
             if not any(_overlaps(box, shape.box, 2) for shape in shapes):
                 word, word_box = candidate, box
                 break
+    return Scene("", image_size, shapes, word, word_box), background
 
-    big = image_size * _SUPERSAMPLE
+
+def paint_scene(scene: Scene, background: Background) -> Image.Image:
+    """The RGB image of a drawn scene: shapes supersampled 4x and box-filtered onto the background, then the word."""
+    size = scene.image_size
+    big = size * _SUPERSAMPLE
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    for shape in shapes:
+    for shape in scene.shapes:
         _draw_shape(draw, shape.kind, tuple(v * _SUPERSAMPLE for v in shape.box), COLOURS[shape.colour])
-    layer = layer.resize((image_size, image_size), Image.Resampling.BOX)
-    image = Image.alpha_composite(background.convert("RGBA"), layer)
-    if word is not None:
-        left, top, _, _ = font.getbbox(word)
+    layer = layer.resize((size, size), Image.Resampling.BOX)
+    image = Image.alpha_composite(background.paint(size).convert("RGBA"), layer)
+    if scene.word is not None:
+        font = _font(size)
+        left, top, _, _ = font.getbbox(scene.word)
         ImageDraw.Draw(image).text(
-            (word_box[0] - left, word_box[1] - top), word, font=font, fill=(10, 10, 10) if light else (245, 245, 245)
+            (scene.word_box[0] - left, scene.word_box[1] - top),
+            scene.word,
+            font=font,
+            fill=(10, 10, 10) if background.light else (245, 245, 245),
         )
-    return image.convert("RGB"), Scene("", image_size, shapes, word, word_box)
+    return image.convert("RGB")
+
+
+def render_scene(rng: random.Random, image_size: int, word_probability: float = 0.3) -> tuple[Image.Image, Scene]:
+    """Draw and paint one random scene; returns the image and its description (the `image` path is left empty)."""
+    scene, background = draw_scene(rng, image_size, word_probability)
+    return paint_scene(scene, background), scene
+
+
+def _paint_and_save(job: tuple[Path, Scene, Background]) -> None:
+    root, scene, background = job
+    paint_scene(scene, background).save(root / scene.image, compress_level=1)
 
 
 def generate_scenes(
-    root: Path, split: str, count: int, image_size: int, seed: int, progress: bool = True
+    root: Path, split: str, count: int, image_size: int, seed: int, progress: bool = True, workers: int | None = None
 ) -> list[Scene]:
     """Render `count` scenes as `root/images/{split}_NNNNN.png` (`Scene.image` is relative to `root`); deterministic
-    for `seed`."""
+    for `seed`, whatever the number of `workers`.
+
+    The scenes are drawn in order from one random stream, then painted and saved by `workers` processes (default: one
+    per CPU core, at most 8): painting is nine tenths of the time, and the images are the same as painting them in
+    order (the 30200 images of the full demo: 50 s in one process)."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{seed}-{split}")
-    scenes = []
-    for index in tqdm(range(count), desc=f"Drawing {split} images", disable=not progress):
-        image, scene = render_scene(rng, image_size)
+    scenes, jobs = [], []
+    for index in range(count):
+        scene, background = draw_scene(rng, image_size)
         scene.image = f"images/{split}_{index:05d}.png"
-        image.save(root / scene.image, compress_level=1)
         scenes.append(scene)
+        jobs.append((Path(root), scene, background))
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    bar = tqdm(total=count, desc=f"Drawing {split} images", disable=not progress)
+    if workers <= 1 or count < 256:
+        for job in jobs:
+            _paint_and_save(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for _ in pool.map(_paint_and_save, jobs, chunksize=64):
+                bar.update()
+    bar.close()
     return scenes
 
 

@@ -5,6 +5,7 @@ import random
 import re
 
 import pytest
+from PIL import Image
 
 from qwen_vl.demo import stage0, world
 
@@ -58,3 +59,16 @@ def test_language_model_documents_hold_the_answers_in_context(scenes):
         for question, answer in zip(lines[::2], lines[1::2]):
             if question.startswith("Where is"):
                 assert re.search(r"<box>.*</box>", answer).group() in first
+
+
+def test_scenes_are_the_same_whatever_the_number_of_painting_processes(tmp_path):
+    """`generate_scenes` draws every scene from one random stream and paints them in worker processes: the images
+    and scenes do not depend on how many."""
+    one = world.generate_scenes(tmp_path / "one", "train", 300, 56, seed=3, progress=False, workers=1)
+    two = world.generate_scenes(tmp_path / "two", "train", 300, 56, seed=3, progress=False, workers=2)
+    assert one == two
+    for scene in one:
+        assert (tmp_path / "one" / scene.image).read_bytes() == (tmp_path / "two" / scene.image).read_bytes()
+    image, scene = world.render_scene(random.Random("3-train"), 56)
+    assert scene.shapes == one[0].shapes
+    assert image.tobytes() == Image.open(tmp_path / "one" / one[0].image).convert("RGB").tobytes()
