@@ -203,6 +203,7 @@ def generate_scenes(
     The scenes are drawn in order from one random stream, then painted and saved by `workers` processes (default: one
     per CPU core, at most 8): painting is nine tenths of the time, and the images are the same as painting them in
     order (the 30200 images of the full demo: 50 s in one process)."""
+    root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{seed}-{split}")
     scenes, jobs = [], []
@@ -210,7 +211,7 @@ def generate_scenes(
         scene, background = draw_scene(rng, image_size)
         scene.image = f"images/{split}_{index:05d}.png"
         scenes.append(scene)
-        jobs.append((Path(root), scene, background))
+        jobs.append((root, scene, background))
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     bar = tqdm(total=count, desc=f"Drawing {split} images", disable=not progress)
     if workers <= 1 or count < 256:
@@ -218,7 +219,9 @@ def generate_scenes(
             _paint_and_save(job)
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        # fork where the platform has it: spawned workers would first import torch (seconds each)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
             for _ in pool.map(_paint_and_save, jobs, chunksize=64):
                 bar.update()
     bar.close()
