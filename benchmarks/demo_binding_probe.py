@@ -1,7 +1,9 @@
 """Binding probe for the demo: can a reader pick the named shape out of 64 image tokens and write its box?
 
 Image tokens come from a demo checkpoint's (frozen) vision tower and adapter, or are "symbolic": per grid cell, the
-sum of learned embeddings of the cell's true colour, kind and box digits (what a perfect vision tower could give).
+sum of learned embeddings of the cell's true colour, kind and box digits (what a perfect vision tower could give), or
+"slots": one such token per shape (4 positions, absent shapes marked empty), which leaves the LM nothing to do but
+pick the named one. `--word-embeddings` makes the slots' colour and kind the LM's own embeddings of those words.
 Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 shapes. Two readers:
 
 - `--reader lm`: the checkpoint's language model, trained on `<img>...</img><ref>phrase</ref>` -> `<box>...</box>`
@@ -12,6 +14,7 @@ Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 sha
   box (L1). Reported: the share with IoU >= 0.5, by number of shapes.
 
     python benchmarks/demo_binding_probe.py demo_out/stages/init --reader lm --tokens symbolic --steps 800
+    python benchmarks/demo_binding_probe.py demo_out/stages/init --tokens slots --word-embeddings --lr 1e-3 --steps 1500
 """
 
 import argparse
@@ -48,6 +51,38 @@ def draw(model, count: int, seed: int):
         with torch.no_grad():
             tokens.append(model.get_image_features(torch.stack(pixels)))
     return torch.cat(tokens), torch.stack(targets), torch.tensor(named), texts, torch.tensor(counts)
+
+
+class SlotTokens(nn.Module):
+    """One token per shape slot (`MAX_SHAPES` of them, in the scene's order): embedding(kind) + embedding(colour) +
+    the embeddings of its 8 box digits; an absent shape is kind and colour 0 with class-10 digits. With `words` (the
+    LM's input embeddings and tokenizer), kind and colour are the sums of the LM's embeddings of the words'
+    tokens instead of tables of their own."""
+
+    def __init__(self, hidden: int, words: tuple[nn.Embedding, object] | None = None):
+        super().__init__()
+        self.kind, self.colour, self.digits = nn.Embedding(6, hidden), nn.Embedding(7, hidden), nn.Embedding(88, hidden)
+        for table in (self.kind, self.colour, self.digits):
+            nn.init.normal_(table.weight, std=0.02)
+        self.words = None
+        if words is not None:
+            embeddings, tokenizer = words
+            ids = [tokenizer(" " + word)["input_ids"] for word in (*stage0.KINDS, *stage0.COLOURS)]
+            self.words = (embeddings, ids[: len(stage0.KINDS)], ids[len(stage0.KINDS) :])
+
+    def _word_rows(self, ids: list[list[int]], index: torch.Tensor) -> torch.Tensor:
+        rows = torch.stack([self.words[0].weight[word].sum(0) for word in ids])
+        return torch.cat([torch.zeros_like(rows[:1]), rows])[index]  # row 0: no shape
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        present = targets[..., 0] >= 0
+        kind = torch.where(present, targets[..., 0].long() + 1, 0)
+        colour = torch.where(present, targets[..., 1].long() + 1, 0)
+        digits = torch.where(present[..., None, None], stage0.box_digits(targets[..., 2:].clamp(0, 1)), 10)
+        slots = self.digits(digits + 11 * torch.arange(8).view(4, 2)).sum((-2, -3))
+        if self.words is None:
+            return self.kind(kind) + self.colour(colour) + slots
+        return self._word_rows(self.words[1], kind) + self._word_rows(self.words[2], colour) + slots
 
 
 class SymbolicTokens(nn.Module):
@@ -110,9 +145,15 @@ def cross_attention_probe(train, test, steps: int, lr: float):
             print(f"step {step}: IoU >= 0.5 by number of shapes {by_count}", flush=True)
 
 
-def lm_probe(model, tokenizer, train, test, steps: int, lr: float, symbolic: bool, query_hint: bool):
+def lm_probe(
+    model, tokenizer, train, test, steps: int, lr: float, tokens: str, query_hint: bool, word_embeddings: bool
+):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
-    symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if symbolic else None
+    symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
+    if tokens == "slots":
+        symbols = SlotTokens(hidden, (model.transformer.wte, tokenizer) if word_embeddings else None)
+        n_queries = model.config.visual["n_queries"] = stage0.MAX_SHAPES  # image spans of one position per slot
+    symbolic = symbols is not None
     hint_colour, hint_kind = nn.Embedding(6, hidden), nn.Embedding(5, hidden)
     for table in (hint_colour, hint_kind):
         nn.init.normal_(table.weight, std=0.02)
@@ -188,7 +229,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint", help="a demo checkpoint with vision tower and LM, e.g. demo_out/stages/init")
     parser.add_argument("--reader", choices=["lm", "cross-attention"], default="lm")
-    parser.add_argument("--tokens", choices=["image", "symbolic"], default="image")
+    parser.add_argument("--tokens", choices=["image", "symbolic", "slots"], default="image")
+    parser.add_argument(
+        "--word-embeddings", action="store_true", help="slots: colour and kind are the LM's embeddings of the words"
+    )
+    parser.add_argument("--train-scenes", type=int, default=6000)
     parser.add_argument("--query-hint", action="store_true", help="give the LM the phrase at every answer position")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -197,12 +242,12 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = QwenVLForConditionalGeneration.from_pretrained(args.checkpoint).eval()
-    train, test = draw(model, 6000, 1), draw(model, 400, 2)
+    train, test = draw(model, args.train_scenes, 1), draw(model, 400, 2)
     if args.reader == "cross-attention":
         cross_attention_probe(train, test, args.steps, args.lr)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
-        lm_probe(model, tokenizer, train, test, args.steps, args.lr, args.tokens == "symbolic", args.query_hint)
+        lm_probe(model, tokenizer, train, test, args.steps, args.lr, args.tokens, args.query_hint, args.word_embeddings)
 
 
 if __name__ == "__main__":
