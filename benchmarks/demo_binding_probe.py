@@ -61,6 +61,8 @@ class SlotTokens(nn.Module):
 
     def __init__(self, hidden: int, words: tuple[nn.Embedding, object] | None = None):
         super().__init__()
+        # the kind and colour tables are drawn even where `words` replaces them, so both variants start the digit
+        # table (and everything after it) from the same random stream
         self.kind, self.colour, self.digits = nn.Embedding(6, hidden), nn.Embedding(7, hidden), nn.Embedding(88, hidden)
         for table in (self.kind, self.colour, self.digits):
             nn.init.normal_(table.weight, std=0.02)
