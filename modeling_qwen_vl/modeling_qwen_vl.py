@@ -63,6 +63,11 @@ _ONEDNN_LINEAR = (
 )
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T (+ bias) on oneDNN (weight may be a strided view)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def _compilable_onednn_linear():
     """oneDNN's float32 linear as the custom op `qwen_vl::onednn_linear`, which `torch.compile` keeps as one opaque
     kernel call. Inductor lowers `_linear_pointwise` only for weights that are graph constants (`freezing`, which
@@ -74,7 +79,7 @@ def _compilable_onednn_linear():
 
     @torch.library.custom_op("qwen_vl::onednn_linear", mutates_args=())
     def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @onednn_linear.register_fake
     def _(x, weight, bias):
@@ -86,9 +91,6 @@ def _compilable_onednn_linear():
 _COMPILED_ONEDNN_LINEAR = _compilable_onednn_linear() if _ONEDNN_LINEAR else None
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight[out, in].T on oneDNN (weight may be a strided view)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
@@ -98,7 +100,7 @@ class OneDNNLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -146,7 +148,7 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             return F.linear(x, weight, bias) if needs_grad else _COMPILED_ONEDNN_LINEAR(x, weight, bias)
         if needs_grad:
             return OneDNNLinearFunction.apply(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
