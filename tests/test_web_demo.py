@@ -10,6 +10,8 @@ from PIL import Image
 from tests.serving_repo import QUESTION, build_repo, cli_server, scene
 
 BOX_COLOR = (230, 25, 75)  # draw_grounding's first colour
+# How long each expectation waits: a loaded CI machine can take more than Playwright's 5 s default to answer.
+WAIT_MS = 60_000
 
 
 def chromium() -> str:
@@ -40,17 +42,18 @@ def test_web_demo_in_headless_chromium(web_url, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 1000})
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(WAIT_MS)
             page.goto(web_url)
             chatbot = page.locator("#chatbot")
             page.locator("input[type=file]").set_input_files(str(image_path))
-            expect(chatbot.locator("img[src*='/file=']")).to_have_count(1)  # the uploaded image is shown in the chat
+            # The uploaded image is shown in the chat.
+            expect(chatbot.locator("img[src*='/file=']")).to_have_count(1, timeout=WAIT_MS)
 
             page.locator("#query textarea").fill(QUESTION)
             page.locator("#submit").click()
-            expect(chatbot).to_contain_text(answer_text)
+            expect(chatbot).to_contain_text(answer_text, timeout=WAIT_MS)
             images = chatbot.locator("img[src*='/file=']")
-            expect(images).to_have_count(2)  # the upload and the drawn grounding image
+            expect(images).to_have_count(2, timeout=WAIT_MS)  # the upload and the drawn grounding image
             drawn_src = images.nth(1).get_attribute("src")
             drawn = Image.open(io.BytesIO(page.request.get(drawn_src).body())).convert("RGB")
             assert drawn.size == (240, 160)
@@ -60,14 +63,14 @@ def test_web_demo_in_headless_chromium(web_url, tmp_path):
                 page.screenshot(path=os.environ["QWEN_VL_WEB_SCREENSHOT"], full_page=True)
 
             page.locator("#regenerate").click()  # the same greedy answer again, still once
-            expect(chatbot.locator("img[src*='/file=']")).to_have_count(2)
-            expect(chatbot).to_contain_text(answer_text)
+            expect(chatbot.locator("img[src*='/file=']")).to_have_count(2, timeout=WAIT_MS)
+            expect(chatbot).to_contain_text(answer_text, timeout=WAIT_MS)
             page.locator("#query textarea").fill("hello world")  # a second turn
             page.locator("#submit").click()
-            expect(chatbot).to_contain_text("hello world")
+            expect(chatbot).to_contain_text("hello world", timeout=WAIT_MS)
             page.locator("#clear").click()
-            expect(chatbot.locator("img[src*='/file=']")).to_have_count(0)
-            expect(chatbot).not_to_contain_text("the red square")
+            expect(chatbot.locator("img[src*='/file=']")).to_have_count(0, timeout=WAIT_MS)
+            expect(chatbot).not_to_contain_text("the red square", timeout=WAIT_MS)
         finally:
             browser.close()
     assert (tmp_path / "web_demo.png").stat().st_size > 10_000
