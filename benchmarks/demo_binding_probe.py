@@ -148,7 +148,16 @@ def cross_attention_probe(train, test, steps: int, lr: float):
 
 
 def lm_probe(
-    model, tokenizer, train, test, steps: int, lr: float, tokens: str, query_hint: bool, word_embeddings: bool
+    model,
+    tokenizer,
+    train,
+    test,
+    steps: int,
+    lr: float,
+    tokens: str,
+    query_hint: bool,
+    word_embeddings: bool,
+    batch_size: int = 32,
 ):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
     symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
@@ -201,7 +210,7 @@ def lm_probe(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     model.train()
     for step in range(1, steps + 1):
-        inputs, labels = batch(train, encoded_train, torch.randint(0, len(encoded_train), (32,)).tolist())
+        inputs, labels = batch(train, encoded_train, torch.randint(0, len(encoded_train), (batch_size,)).tolist())
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -240,6 +249,7 @@ def main():
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="LM reader: scenes a step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -249,7 +259,18 @@ def main():
         cross_attention_probe(train, test, args.steps, args.lr)
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
-        lm_probe(model, tokenizer, train, test, args.steps, args.lr, args.tokens, args.query_hint, args.word_embeddings)
+        lm_probe(
+            model,
+            tokenizer,
+            train,
+            test,
+            args.steps,
+            args.lr,
+            args.tokens,
+            args.query_hint,
+            args.word_embeddings,
+            args.batch_size,
+        )
 
 
 if __name__ == "__main__":

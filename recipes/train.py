@@ -34,7 +34,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from modeling_qwen_vl import QwenVLForConditionalGeneration, QwenVLImageProcessor, QwenVLProcessor, QwenVLTokenizer
 
 from .collator import QwenVLDataCollator, SkippedRecordsCallback
-from .data import Example, load_records, render_caption_pair, render_dialogue, render_task
+from .data import Example, load_records, render_caption_pair, render_dialogue, render_task, with_text_lengths
 from .freezing import freeze_for_stage
 from .trainer import RecipeTrainer
 
@@ -246,6 +246,9 @@ def run(argv: list[str]) -> RecipeTrainer:
     collator.prime(dataset)  # fails early on unusable data; gives all-bad batches a stand-in
     if recipe.streaming:
         dataset = dataset.shuffle(seed=training_args.seed, buffer_size=recipe.shuffle_buffer)
+    elif training_args.train_sampling_strategy == "group_by_length":
+        # Trainer's LengthGroupedSampler reads the lengths from this column (or `input_ids`, which raw records lack).
+        dataset = with_text_lengths(dataset, training_args.length_column_name)
     trainer = RecipeTrainer(
         model=model,
         args=training_args,
