@@ -158,6 +158,7 @@ def lm_probe(
     query_hint: bool,
     word_embeddings: bool,
     batch_size: int = 32,
+    phrase_first: bool = False,
 ):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
     symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
@@ -177,6 +178,9 @@ def lm_probe(
     def encode(text):
         cut = text.index("<box>")
         prompt = [start] + [start + 2] * n_queries + [start + 1] + tokenizer(text[:cut])["input_ids"]
+        if phrase_first:  # the question before the image: image positions can attend to the phrase
+            phrase = text[text.index("<ref>") + len("<ref>") : text.index("</ref>")]
+            prompt = tokenizer(f"Where is {phrase}? ")["input_ids"] + prompt
         return prompt, tokenizer(text[cut:])["input_ids"]
 
     def batch(split, encoded, index):
@@ -250,6 +254,7 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="LM reader: scenes a step")
+    parser.add_argument("--phrase-first", action="store_true", help="LM reader: ask the question before the image")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -270,6 +275,7 @@ def main():
             args.query_hint,
             args.word_embeddings,
             args.batch_size,
+            args.phrase_first,
         )
 
 
