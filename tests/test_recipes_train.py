@@ -169,18 +169,22 @@ def test_a_dataloader_worker_gives_the_same_training(train_recipe, workspace):
 
 def test_group_by_length_batches_records_of_similar_length(train_recipe, workspace):
     """`--train_sampling_strategy group_by_length` works on raw records: the recipe adds a `length` column (characters
-    of text) for Trainer's `LengthGroupedSampler`, whose batches then pad less than random ones."""
+    of text), which Trainer's `LengthGroupedSampler` groups the batches by, longest record first."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     model, data, tmp_path = workspace
     flags = ("--max_steps", "2", "--per_device_train_batch_size", "2", "--train_sampling_strategy", "group_by_length")
     trainer = train_recipe("sft", model, data["sft"], tmp_path / "out", *flags)
-    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
     records = json.loads(data["sft"].read_text())
     expected = [
         sum(len(turn["value"]) + len(turn["from"]) for turn in r["conversations"]) + len(r["id"]) for r in records
     ]
     assert trainer.train_dataset["length"] == expected
+    order = list(sampler)
+    assert sampler.lengths == expected and sorted(order) == list(range(len(records)))
+    assert expected[order[0]] == max(expected)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
