@@ -10,6 +10,7 @@ Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 sha
   (the multitask `ref` format), loss on the box. Reported: the share of held-out boxes whose four hundreds digits
   are all right (teacher-forced), by number of shapes. `--query-hint` adds a learned colour + kind embedding of the
   named shape to the input of every answer position: the LM is then given the phrase where it writes the box.
+  `--phrase-first` asks "Where is {phrase}?" before the image; `--batch-size` sets the scenes a step (32).
 - `--reader cross-attention`: one attention layer whose query is a learned colour + kind embedding, regressing the
   box (L1). Reported: the share with IoU >= 0.5, by number of shapes.
 

@@ -316,18 +316,15 @@ def with_text_lengths(dataset: datasets.Dataset, column: str = "length") -> data
     """`dataset` with a `column` of each record's `text_length` (kept if it is there), for `LengthGroupedSampler`."""
     if column in dataset.column_names:
         return dataset
-    lengths = [text_length(record) for record in dataset.select_columns(_text_columns(dataset))]
-    return dataset.add_column(column, lengths)
+    text_columns = [name for name, feature in dataset.features.items() if not _is_image_feature(feature)]
+    return dataset.add_column(column, [text_length(record) for record in dataset.select_columns(text_columns)])
 
 
-def _text_columns(dataset: datasets.Dataset) -> list[str]:
-    """The columns that can hold text (not images)."""
-    return [
-        column
-        for column, feature in dataset.features.items()
-        if not isinstance(feature, datasets.Image)
-        and not (isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image))
-    ]
+def _is_image_feature(feature) -> bool:
+    """Whether a column holds an image or a list of images."""
+    return isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image)
+    )
 
 
 def _without_image_decoding(dataset):
@@ -338,6 +335,6 @@ def _without_image_decoding(dataset):
     for column, feature in dataset.features.items():
         if isinstance(feature, datasets.Image):
             features[column] = datasets.Image(decode=False)
-        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+        elif _is_image_feature(feature):
             features[column] = datasets.List(datasets.Image(decode=False), length=feature.length)
     return dataset if features == dataset.features else dataset.cast(features)
