@@ -160,6 +160,7 @@ def lm_probe(
     word_embeddings: bool,
     batch_size: int = 32,
     phrase_first: bool = False,
+    phrase_loss: bool = False,
 ):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
     symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
@@ -177,12 +178,18 @@ def lm_probe(
         model.transformer.wte.register_forward_hook(lambda module, args, output: output + state["hint"])
 
     def encode(text):
-        cut = text.index("<box>")
-        prompt = [start] + [start + 2] * n_queries + [start + 1] + tokenizer(text[:cut])["input_ids"]
+        """(prompt ids, reply ids, how many of the prompt's last ids are trained on as well)"""
+        cut, ref = text.index("<box>"), text.index("<ref>") + len("<ref>")
+        prompt = [start] + [start + 2] * n_queries + [start + 1] + tokenizer(text[:ref])["input_ids"]
+        phrase = tokenizer(text[ref:cut])["input_ids"]
         if phrase_first:  # the question before the image: image positions can attend to the phrase
-            phrase = text[text.index("<ref>") + len("<ref>") : text.index("</ref>")]
-            prompt = tokenizer(f"Where is {phrase}? ")["input_ids"] + prompt
-        return prompt, tokenizer(text[cut:])["input_ids"]
+            prompt = tokenizer(f"Where is {text[ref : text.index('</ref>')]}? ")["input_ids"] + prompt
+        return prompt + phrase, tokenizer(text[cut:])["input_ids"], len(phrase) if phrase_loss else 0
+
+    def kind_length(text):
+        """How many tokens the named kind takes (they end the phrase, before `</ref>`)."""
+        kind = text[: text.index("</ref>")].rsplit(" ", 1)[1]
+        return len(tokenizer(" " + kind)["input_ids"])
 
     def batch(split, encoded, index):
         tokens, targets, named, _, _ = split
@@ -193,10 +200,12 @@ def lm_probe(
         mask = torch.zeros(len(index), width, dtype=torch.long)
         answer = torch.zeros(len(index), width, 1)
         for row, i in enumerate(index):
-            prompt, reply = encoded[i]
+            prompt, reply, trained = encoded[i]
             ids[row, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
             mask[row, : len(prompt) + len(reply)] = 1
-            labels[row, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply)
+            labels[row, len(prompt) - trained : len(prompt) + len(reply)] = torch.tensor(
+                prompt[len(prompt) - trained :] + reply
+            )
             answer[row, len(prompt) - 1 : len(prompt) + len(reply)] = 1
         image = symbols(targets[index]) if symbolic else tokens[index]
         state["image_tokens"] = image.flatten(0, 1)
@@ -224,21 +233,30 @@ def lm_probe(
         schedule.step()
         if step % 200 == 0 or step == steps:
             model.eval()
-            hits = []
+            hits, kinds = [], []
             with torch.no_grad():
                 for first in range(0, len(encoded_test), 50):
                     index = list(range(first, min(first + 50, len(encoded_test))))
                     inputs, labels = batch(test, encoded_test, index)
                     predicted = model(**inputs).logits.argmax(-1)
                     for row, i in enumerate(index):
-                        prompt, reply = encoded_test[i]
+                        prompt, reply, _ = encoded_test[i]
                         pieces = [tokenizer.decode([t]) for t in reply]
                         hundreds = [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
                         hits.append(all(predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds))
+                        end = len(prompt) - 1  # the `</ref>` position; the kind's tokens come just before it
+                        span = range(end - kind_length(test[3][i]), end)
+                        kinds.append(all(predicted[row, p - 1] == prompt[p] for p in span))
             model.train()
             hits = np.array(hits)
             by_count = {n: round(float(hits[test[4].numpy() == n].mean()), 3) for n in (1, 2, 3, 4)}
-            print(f"step {step}: loss {loss.item():.3f}, four hundreds digits right by number of shapes {by_count}")
+            kinds = np.array(kinds)
+            kind_by_count = {n: round(float(kinds[test[4].numpy() == n].mean()), 3) for n in (1, 2, 3, 4)}
+            print(
+                f"step {step}: loss {loss.item():.3f}, four hundreds digits right by number of shapes {by_count}, "
+                f"the kind after the colour {kind_by_count}",
+                flush=True,
+            )
 
 
 def main():
@@ -256,6 +274,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="LM reader: scenes a step")
     parser.add_argument("--phrase-first", action="store_true", help="LM reader: ask the question before the image")
+    parser.add_argument(
+        "--phrase-loss",
+        action="store_true",
+        help="LM reader: train on the phrase's tokens too (its kind follows from the image)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -277,6 +300,7 @@ def main():
             args.word_embeddings,
             args.batch_size,
             args.phrase_first,
+            args.phrase_loss,
         )
 
 

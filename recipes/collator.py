@@ -77,6 +77,10 @@ class QwenVLDataCollator:
         image_root (`str`, *optional*): Directory that relative image paths are resolved against; images outside it
             (`../`, absolute paths elsewhere, symlinks leaving it) are skipped as `outside_image_root`.
         allow_images_outside_root (`bool`): Open images outside `image_root` too (trusted data only).
+        completion_only_loss (`bool`): Train prompt-completion examples on their completion only (TRL's
+            `SFTConfig.completion_only_loss`). With False their prompt text is trained too, as in the paper's
+            multi-task pre-training on packed sequences; image spans (`<img>...</img>`) stay untrained. Dialogues
+            always train their assistant replies only.
 
     Bad records (see [`BadRecordError`]) are skipped; `skipped` counts them by reason, over the DataLoader worker
     processes too. A batch never ends up empty: when all its records are bad, the last good example this collator
@@ -91,6 +95,7 @@ class QwenVLDataCollator:
         packing: bool = False,
         image_root: str | None = None,
         allow_images_outside_root: bool = False,
+        completion_only_loss: bool = True,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -101,6 +106,7 @@ class QwenVLDataCollator:
         self.packing = packing
         self.image_root = image_root
         self.allow_images_outside_root = allow_images_outside_root
+        self.completion_only_loss = completion_only_loss
         # Shared memory, so counts made in DataLoader worker processes are visible here.
         self._skipped = multiprocessing.Array("q", len(SKIP_REASONS))
         self._last_good: EncodedExample | None = None
@@ -148,7 +154,8 @@ class QwenVLDataCollator:
             labels = assistant_labels(input_ids, self.tokenizer)
         else:
             completion_ids = self.tokenizer(example.completion, add_special_tokens=False)["input_ids"]
-            labels = [IGNORE_INDEX] * len(input_ids) + completion_ids
+            labels = [IGNORE_INDEX] * len(input_ids) if self.completion_only_loss else self._text_labels(input_ids)
+            labels += completion_ids
             input_ids = input_ids + completion_ids
         if len(input_ids) > self.max_length:
             image_ends = [i for i, token in enumerate(input_ids) if token == self.tokenizer.img_end_id]
@@ -158,6 +165,15 @@ class QwenVLDataCollator:
         if all(label == IGNORE_INDEX for label in labels[1:]):
             raise BadRecordError("no_targets", "no trained token (left) in the record")
         return EncodedExample(input_ids, labels, inputs.get("pixel_values"), example.task)
+
+    def _text_labels(self, input_ids: list[int]) -> list[int]:
+        """`input_ids` as labels, with every image span (`<img>`, its positions, `</img>`) set to -100."""
+        labels, in_image = [], False
+        for token in input_ids:
+            in_image |= token == self.tokenizer.img_start_id
+            labels.append(IGNORE_INDEX if in_image else token)
+            in_image &= token != self.tokenizer.img_end_id
+        return labels
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         examples = []

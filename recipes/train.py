@@ -130,6 +130,14 @@ class RecipeArguments:
     image_size: int | None = field(default=None, metadata={"help": "Image side (default: 224 pretrain, else 448)."})
     max_length: int = field(default=2048, metadata={"help": "Longest example, and packed row, in tokens."})
     packing: bool | None = field(default=None, metadata={"help": "Pack same-task examples (default: multitask)."})
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Train task records on their completion only (TRL's name). False trains their prompt text too "
+            "(a referring expression's phrase, a question), as the paper's packed multi-task pre-training does; "
+            "image spans stay untrained, dialogues train the assistant replies only."
+        },
+    )
     vision_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -241,7 +249,13 @@ def run(argv: list[str]) -> RecipeTrainer:
 
     dataset = load_records(recipe.data, recipe.data_split, recipe.data_config, recipe.streaming)
     collator = QwenVLDataCollator(
-        processor, stage.render, recipe.max_length, packing, recipe.image_root, recipe.allow_images_outside_root
+        processor,
+        stage.render,
+        recipe.max_length,
+        packing,
+        recipe.image_root,
+        recipe.allow_images_outside_root,
+        recipe.completion_only_loss,
     )
     collator.prime(dataset)  # fails early on unusable data; gives all-bad batches a stand-in
     if recipe.streaming:

@@ -290,6 +290,28 @@ def test_packing_layout(tiny_processor):
     assert sum(rows) == len(records) and max(rows) == 2  # the two captions and the two texts share rows
 
 
+def test_completion_only_loss_false_trains_the_prompt_text_but_no_image_span(tiny_processor):
+    """`completion_only_loss=False`: a referring expression's phrase is trained along with its box; the image span
+    and nothing else stays -100; dialogues still train their assistant replies only."""
+    tokenizer = tiny_processor.tokenizer
+    record = _multitask_records()[5]  # ref: "<img></img><ref>the hello</ref>" -> its box
+    only = QwenVLDataCollator(tiny_processor, render_task).encode(record)
+    full = QwenVLDataCollator(tiny_processor, render_task, completion_only_loss=False).encode(record)
+    assert full.input_ids == only.input_ids
+    start, end = full.input_ids.index(tokenizer.img_start_id), full.input_ids.index(tokenizer.img_end_id)
+    expected = [IGNORE_INDEX if start <= i <= end else token for i, token in enumerate(full.input_ids)]
+    assert full.labels == expected
+    phrase = tokenizer("the hello", add_special_tokens=False)["input_ids"]
+    trained = [label for label in full.labels if label != IGNORE_INDEX]
+    assert any(trained[i : i + len(phrase)] == phrase for i in range(len(trained)))
+    untrained_in_only = sum(label == IGNORE_INDEX for label in only.labels)
+    assert untrained_in_only == end + 1 + len(phrase) + 2  # <ref>, phrase, </ref> are untrained by default
+
+    dialogue = {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"}]}
+    default = QwenVLDataCollator(tiny_processor, render_dialogue).encode(dialogue)
+    assert QwenVLDataCollator(tiny_processor, render_dialogue, completion_only_loss=False).encode(dialogue) == default
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_packed_losses_equal_unpacked(tiny_processor, tiny_model_factory, attn_implementation):
     """Packed rows (no attention_mask, restarting position_ids) give every example its unpacked per-token losses."""

@@ -67,6 +67,20 @@ def test_vision_learning_rate_applies_to_the_vit_only(train_recipe, workspace):
     assert groups == {"vit": {False}, "adapter": {True}, "llm": {True}}
 
 
+def test_completion_only_loss_flag_reaches_the_collator(train_recipe, workspace):
+    """`--completion_only_loss false` trains task records' prompt text too: more labelled tokens in the same batch."""
+    model, data, tmp_path = workspace
+    trainer = train_recipe(
+        "multitask", model, data["multitask"], tmp_path / "out", "--max_steps", "1", "--completion_only_loss", "false"
+    )
+    collator = trainer.data_collator
+    assert collator.completion_only_loss is False
+    records = [json.loads(line) for line in data["multitask"].read_text().splitlines()]
+    trained = (collator(records)["labels"] != -100).sum()
+    collator.completion_only_loss = True
+    assert trained > (collator(records)["labels"] != -100).sum()
+
+
 def test_loss_falls_when_overfitting(train_recipe, workspace):
     model, data, tmp_path = workspace
     subset = data["sft"].with_name("two.json")
