@@ -11,6 +11,8 @@ Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 sha
   are all right (teacher-forced), by number of shapes. `--query-hint` adds a learned colour + kind embedding of the
   named shape to the input of every answer position: the LM is then given the phrase where it writes the box.
   `--phrase-first` asks "Where is {phrase}?" before the image; `--batch-size` sets the scenes a step (32).
+  `--phrase-loss` trains the phrase's tokens too (the kind after the colour then has to come from the image); the
+  share of phrases whose kind the LM predicts right after their colour is reported with it.
 - `--reader cross-attention`: one attention layer whose query is a learned colour + kind embedding, regressing the
   box (L1). Reported: the share with IoU >= 0.5, by number of shapes.
 
