@@ -218,6 +218,7 @@ def lm_probe(
 
     encoded_train = [encode(text) for text in train[3]]
     encoded_test = [encode(text) for text in test[3]]
+    test_kind_lengths = [kind_length(text) for text in test[3]]
     for parameter in model.transformer.visual.parameters():
         parameter.requires_grad_(False)
     extra = [*hint_colour.parameters(), *hint_kind.parameters(), *(symbols.parameters() if symbolic else [])]
@@ -247,7 +248,7 @@ def lm_probe(
                         hundreds = [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
                         hits.append(all(predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds))
                         end = len(prompt) - 1  # the `</ref>` position; the kind's tokens come just before it
-                        span = range(end - kind_length(test[3][i]), end)
+                        span = range(end - test_kind_lengths[i], end)
                         kinds.append(all(predicted[row, p - 1] == prompt[p] for p in span))
             model.train()
             hits = np.array(hits)
