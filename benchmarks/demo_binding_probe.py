@@ -150,6 +150,12 @@ def cross_attention_probe(train, test, steps: int, lr: float):
             print(f"step {step}: IoU >= 0.5 by number of shapes {by_count}", flush=True)
 
 
+def hundreds_positions(tokenizer, reply: list[int]) -> list[int]:
+    """Indices of the hundreds digits in a `<box>(x1,y1),(x2,y2)</box>` reply's ids: the digits after "(" or ","."""
+    pieces = [tokenizer.decode([t]) for t in reply]
+    return [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
+
+
 def lm_probe(
     model,
     tokenizer,
@@ -244,8 +250,7 @@ def lm_probe(
                     predicted = model(**inputs).logits.argmax(-1)
                     for row, i in enumerate(index):
                         prompt, reply, _ = encoded_test[i]
-                        pieces = [tokenizer.decode([t]) for t in reply]
-                        hundreds = [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
+                        hundreds = hundreds_positions(tokenizer, reply)
                         hits.append(all(predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds))
                         end = len(prompt) - 1  # the `</ref>` position; the kind's tokens come just before it
                         span = range(end - test_kind_lengths[i], end)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, ".")
+from demo_binding_probe import hundreds_positions  # noqa: E402  (this script's own folder)
+
 from modeling_qwen_vl import QwenVLForConditionalGeneration  # noqa: E402
 from modeling_qwen_vl.tokenization_qwen_vl import QwenVLTokenizer  # noqa: E402
 from qwen_vl.demo import stage0, world  # noqa: E402
@@ -52,9 +54,8 @@ def hundreds_right(model, tokenizer, items) -> dict[int, float]:
                 mask[row, : len(prompt) + len(reply)] = 1
             predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
             for row, (prompt, reply, count) in enumerate(chunk):
-                pieces = [tokenizer.decode([t]) for t in reply]
-                hundreds = [j for j in range(1, len(reply)) if pieces[j - 1].endswith(("(", ","))]
-                hits.append(all(predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds))
+                right = (predicted[row, len(prompt) + j - 1] == reply[j] for j in hundreds_positions(tokenizer, reply))
+                hits.append(all(right))
                 counts.append(count)
     model.train()
     hits, counts = np.array(hits), np.array(counts)
