@@ -13,11 +13,18 @@ Referring phrases are "the {colour} {kind}" on freshly drawn scenes with 1-4 sha
   `--phrase-first` asks "Where is {phrase}?" before the image; `--batch-size` sets the scenes a step (32).
   `--phrase-loss` trains the phrase's tokens too (the kind after the colour then has to come from the image); the
   share of phrases whose kind the LM predicts right after their colour is reported with it.
+  `--hint-words` makes the hint the LM's own embeddings of the colour and kind words, `--hint-layer N` adds it
+  after block N instead of to the input. `--carry-loss LAYER WEIGHT` trains the LM to bring the phrase to the
+  answer positions itself: linear read-outs of the named colour and kind from `hidden_states[LAYER]`, or with
+  `--carry-lens` the model's own final norm and LM head, or with `--carry-embed` what the blocks up to LAYER add
+  pulled towards the phrase's word embeddings (the objective `recipes/phrase_carry.py` implements; its
+  `--carry-target` and `--carry-center` variants).
 - `--reader cross-attention`: one attention layer whose query is a learned colour + kind embedding, regressing the
   box (L1). Reported: the share with IoU >= 0.5, by number of shapes.
 
     python benchmarks/demo_binding_probe.py demo_out/stages/init --reader lm --tokens symbolic --steps 800
     python benchmarks/demo_binding_probe.py demo_out/stages/init --tokens slots --word-embeddings --lr 1e-3 --steps 1500
+    python benchmarks/demo_binding_probe.py demo_out/stages/init --tokens slots --carry-loss 1 1 --carry-embed --lr 1e-3
 """
 
 import argparse
@@ -169,6 +176,14 @@ def lm_probe(
     batch_size: int = 32,
     phrase_first: bool = False,
     phrase_loss: bool = False,
+    carry_loss: tuple[int, float] | None = None,
+    carry_lens: bool = False,
+    hint_words: bool = False,
+    hint_layer: int = 0,
+    carry_embed: bool = False,
+    hint_scale: float = 1.0,
+    carry_target: str = "colour-kind",
+    carry_center: bool = False,
 ):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
     symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
@@ -179,11 +194,28 @@ def lm_probe(
     hint_colour, hint_kind = nn.Embedding(6, hidden), nn.Embedding(5, hidden)
     for table in (hint_colour, hint_kind):
         nn.init.normal_(table.weight, std=0.02)
+    # --carry-loss: linear read-outs of the named colour and kind from one layer's output at every answer position
+    carry_colour, carry_kind = nn.Linear(hidden, 6), nn.Linear(hidden, 5)
+    # --carry-lens: no read-outs of its own; the model's final norm and LM head on that layer must give the phrase's
+    # word tokens (a soft target spread evenly over them)
+    vocab = model.config.vocab_size
+    word_rows, phrase_ids = [], []  # per (colour, kind), at colour * len(KINDS) + kind
+    for colour in stage0.COLOURS:
+        for kind in stage0.KINDS:
+            row = torch.zeros(vocab)
+            ids = tokenizer(f" {colour}")["input_ids"] + tokenizer(f" {kind}")["input_ids"]
+            row[ids] = 1.0 / len(ids)
+            word_rows.append(row)
+            phrase_ids.append(ids if carry_target == "colour-kind" else tokenizer(f"the {colour} {kind}")["input_ids"])
+    word_targets = torch.stack(word_rows)  # [colour * 5 + kind, vocab]
     state = {}
     # the probe feeds its own image tokens (frozen features or symbols) and, with --query-hint, adds the hint
     model.transformer.get_image_features = lambda pixel_values: state["image_tokens"]
-    if query_hint:
+    if query_hint and hint_layer == 0:
         model.transformer.wte.register_forward_hook(lambda module, args, output: output + state["hint"])
+    elif query_hint:  # added to the output of block `hint_layer` instead of the input embeddings
+        block = model.transformer.h[hint_layer - 1]
+        block.register_forward_hook(lambda module, args, output: output + state["hint"])
 
     def encode(text):
         """(prompt ids, reply ids, how many of the prompt's last ids are trained on as well)"""
@@ -217,7 +249,13 @@ def lm_probe(
             answer[row, len(prompt) - 1 : len(prompt) + len(reply)] = 1
         image = symbols(targets[index]) if symbolic else tokens[index]
         state["image_tokens"] = image.flatten(0, 1)
-        state["hint"] = answer * (hint_colour(named[index, 0]) + hint_kind(named[index, 1]))[:, None]
+        state["answer"] = answer[..., 0]
+        if hint_words:  # the LM's own (trained) embeddings of the phrase's words, nothing learnt for the probe
+            words = torch.stack([model.transformer.wte.weight[ids].sum(0) for ids in phrase_ids])
+            phrase = words[named[index, 0] * len(stage0.KINDS) + named[index, 1]]
+            state["hint"] = hint_scale * answer * phrase[:, None]
+        else:
+            state["hint"] = answer * (hint_colour(named[index, 0]) + hint_kind(named[index, 1]))[:, None]
         size = model.config.visual["image_size"]
         pixels = torch.zeros(len(index), 3, size, size)  # stands in for the images: `get_image_features` ignores it
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels), labels
@@ -228,13 +266,35 @@ def lm_probe(
     for parameter in model.transformer.visual.parameters():
         parameter.requires_grad_(False)
     extra = [*hint_colour.parameters(), *hint_kind.parameters(), *(symbols.parameters() if symbolic else [])]
+    extra += [*carry_colour.parameters(), *carry_kind.parameters()] if carry_loss and not carry_lens else []
     parameters = [p for p in model.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(parameters, lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     model.train()
     for step in range(1, steps + 1):
-        inputs, labels = batch(train, encoded_train, torch.randint(0, len(encoded_train), (batch_size,)).tolist())
-        loss = model(**inputs, labels=labels).loss
+        index = torch.randint(0, len(encoded_train), (batch_size,)).tolist()
+        inputs, labels = batch(train, encoded_train, index)
+        outputs = model(**inputs, labels=labels, output_hidden_states=carry_loss is not None)
+        loss = outputs.loss
+        if carry_loss:
+            layer, weight = carry_loss
+            at_answer = state["answer"].bool()
+            states = outputs.hidden_states[layer][at_answer]  # [answer positions, hidden]
+            colour, kind = (train[2][index][:, None].expand(-1, at_answer.shape[1], -1))[at_answer].unbind(-1)
+            if carry_embed:  # what the blocks up to LAYER add there must be the sum of the phrase's word embeddings
+                pool = "mean" if carry_target == "phrase-mean" else "sum"
+                words = torch.stack([getattr(model.transformer.wte.weight[ids], pool)(0) for ids in phrase_ids]).detach()
+                added = outputs.hidden_states[layer][at_answer] - outputs.hidden_states[0][at_answer]
+                target = words[colour * len(stage0.KINDS) + kind]
+                if carry_center:  # only what tells the batch's phrases apart counts
+                    added, target = added - added.mean(0), target - target.mean(0)
+                carry = F.mse_loss(added, target) / target.pow(2).mean()
+            elif carry_lens:
+                logits = model.lm_head(model.transformer.ln_f(states))
+                carry = F.cross_entropy(logits, word_targets[colour * 5 + kind])
+            else:
+                carry = F.cross_entropy(carry_colour(states), colour) + F.cross_entropy(carry_kind(states), kind)
+            loss = loss + weight * carry
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -262,7 +322,7 @@ def lm_probe(
             kind_by_count = {n: round(float(kinds[test[4].numpy() == n].mean()), 3) for n in (1, 2, 3, 4)}
             print(
                 f"step {step}: loss {loss.item():.3f}, four hundreds digits right by number of shapes {by_count}, "
-                f"the kind after the colour {kind_by_count}",
+                f"the kind after the colour {kind_by_count}" + (f", carry {carry.item():.3f}" if carry_loss else ""),
                 flush=True,
             )
 
@@ -280,6 +340,7 @@ def main():
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order (the scenes stay)")
     parser.add_argument("--batch-size", type=int, default=32, help="LM reader: scenes a step")
     parser.add_argument("--phrase-first", action="store_true", help="LM reader: ask the question before the image")
     parser.add_argument(
@@ -287,9 +348,41 @@ def main():
         action="store_true",
         help="LM reader: train on the phrase's tokens too (its kind follows from the image)",
     )
+    parser.add_argument(
+        "--carry-loss",
+        nargs=2,
+        metavar=("LAYER", "WEIGHT"),
+        help="LM reader: also train linear read-outs of the named colour and kind from hidden_states[LAYER] at every "
+        "answer position (weight WEIGHT): supervises carrying the phrase to where the box is written",
+    )
+    parser.add_argument(
+        "--carry-lens", action="store_true", help="--carry-loss through the model's own final norm and LM head"
+    )
+    parser.add_argument(
+        "--hint-words",
+        action="store_true",
+        help="--query-hint made of the LM's own embeddings of the phrase's words instead of tables of its own",
+    )
+    parser.add_argument(
+        "--carry-embed",
+        action="store_true",
+        help="--carry-loss as the distance of what the blocks up to LAYER add from the phrase's word embeddings",
+    )
+    parser.add_argument(
+        "--carry-target",
+        choices=["colour-kind", "phrase-sum", "phrase-mean"],
+        default="colour-kind",
+        help="--carry-embed: the sum of the colour's and kind's embeddings, or the sum or mean over all the "
+        "phrase's tokens ('the' too)",
+    )
+    parser.add_argument(
+        "--carry-center", action="store_true", help="--carry-embed: subtract the batch's mean from both sides"
+    )
+    parser.add_argument("--hint-scale", type=float, default=1.0, help="--hint-words: multiply the hint by this")
+    parser.add_argument("--hint-layer", type=int, default=0, help="--query-hint: add it after this block (0: input)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = QwenVLForConditionalGeneration.from_pretrained(args.checkpoint).eval()
     train, test = draw(model, args.train_scenes, 1), draw(model, 400, 2)
     if args.reader == "cross-attention":
@@ -309,6 +402,14 @@ def main():
             args.batch_size,
             args.phrase_first,
             args.phrase_loss,
+            (int(args.carry_loss[0]), float(args.carry_loss[1])) if args.carry_loss else None,
+            args.carry_lens,
+            args.hint_words,
+            args.hint_layer,
+            args.carry_embed,
+            args.hint_scale,
+            args.carry_target,
+            args.carry_center,
         )
 
 

@@ -138,6 +138,15 @@ class RecipeArguments:
             "image spans stay untrained, dialogues train the assistant replies only."
         },
     )
+    phrase_carry_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the phrase-carry objective (recipes/phrase_carry.py; 0: off): at every position of a "
+            "`<ref>phrase</ref><box>...</box>` from `</ref>` on, what the first --phrase_carry_layer blocks add is "
+            "pulled towards the sum of the phrase's token embeddings. No weights are added."
+        },
+    )
+    phrase_carry_layer: int = field(default=1, metadata={"help": "Blocks the phrase-carry objective looks after."})
     vision_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -271,6 +280,8 @@ def run(argv: list[str]) -> RecipeTrainer:
         processing_class=processor,
         callbacks=[SkippedRecordsCallback(collator)],
         vision_learning_rate=recipe.vision_learning_rate,
+        phrase_carry_weight=recipe.phrase_carry_weight,
+        phrase_carry_layer=recipe.phrase_carry_layer,
     )
     result = trainer.train(resume_from_checkpoint=resume)
 

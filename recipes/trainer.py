@@ -1,4 +1,5 @@
-"""The recipes' `Trainer`: atomic checkpoints, a stop on a non-finite loss, and an own learning rate for the ViT.
+"""The recipes' `Trainer`: atomic checkpoints, a stop on a non-finite loss, an own learning rate for the ViT, and the
+optional phrase-carry objective (`recipes.phrase_carry`).
 
 Checkpoints are written under `<output_dir>/_tmp_checkpoints/checkpoint-N` and renamed to `<output_dir>/checkpoint-N`
 once every process has written its files, so a run killed while saving never leaves a partial `checkpoint-N` for
@@ -16,6 +17,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .freezing import parameter_group
+from .phrase_carry import GroundingTags, phrase_carry_loss
 
 # Not matched by `checkpoint-*` (rotation) nor `checkpoint-N` (resuming); `_*` is also left out of Hub uploads.
 STAGING_DIR = "_tmp_checkpoints"
@@ -34,9 +36,55 @@ class RecipeTrainer(Trainer):
 
     _staging = False  # while True, `Trainer._save_checkpoint` writes into the staging directory
 
-    def __init__(self, *args, vision_learning_rate: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        vision_learning_rate: float | None = None,
+        phrase_carry_weight: float = 0.0,
+        phrase_carry_layer: int = 1,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.vision_learning_rate = vision_learning_rate
+        if phrase_carry_weight < 0:
+            raise ValueError(f"phrase_carry_weight must be >= 0, got {phrase_carry_weight}.")
+        self.phrase_carry_weight, self.phrase_carry_layer = phrase_carry_weight, phrase_carry_layer
+        self._grounding_tags = None
+        if phrase_carry_weight:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self._grounding_tags = GroundingTags.from_tokenizer(tokenizer)
+        self._phrase_carry_losses: list[float] = []  # since the last log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`Trainer.compute_loss`; with `phrase_carry_weight`, plus that weight times the phrase-carry objective of
+        the batch (`recipes.phrase_carry`), scaled for gradient accumulation as the language-modelling loss is."""
+        if not (self.phrase_carry_weight and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        carry = phrase_carry_loss(
+            outputs.hidden_states,
+            inputs["input_ids"],
+            model.get_input_embeddings().weight,
+            self._grounding_tags,
+            self.phrase_carry_layer,
+        )
+        if carry is not None:
+            self._phrase_carry_losses.append(carry.item())
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                # the LM loss is already a share of the accumulated batch's; this one is a mean over this batch
+                carry = carry / self.current_gradient_accumulation_steps
+            loss = loss + self.phrase_carry_weight * carry
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """`Trainer.log`, with the mean phrase-carry objective since the last log (`phrase_carry_loss`)."""
+        if self._phrase_carry_losses and "loss" in logs:
+            mean = sum(self._phrase_carry_losses) / len(self._phrase_carry_losses)
+            logs = {**logs, "phrase_carry_loss": round(mean, 4)}
+            self._phrase_carry_losses.clear()
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`Trainer.create_optimizer`; with `vision_learning_rate`, the ViT's parameters (the `vit` group of
