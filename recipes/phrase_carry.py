@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from modeling_qwen_vl.text_format import BOX_TAGS, REF_TAGS
+
 
 @dataclass(frozen=True)
 class GroundingTags:
@@ -31,9 +33,10 @@ class GroundingTags:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "GroundingTags":
-        ids = tokenizer.convert_tokens_to_ids(["<ref>", "</ref>", "<box>", "</box>"])
+        names = [*REF_TAGS, *BOX_TAGS]
+        ids = tokenizer.convert_tokens_to_ids(names)
         if any(not isinstance(i, int) or i < 0 for i in ids):
-            raise ValueError(f"The tokenizer lacks the grounding tokens <ref> </ref> <box> </box> (ids {ids}).")
+            raise ValueError(f"The tokenizer lacks the grounding tokens {' '.join(names)} (ids {ids}).")
         return cls(*ids)
 
 
@@ -81,16 +84,19 @@ def phrase_carry_loss(
     hidden]."""
     if not 1 <= layer < len(hidden_states):
         raise ValueError(f"phrase_carry_layer must be between 1 and {len(hidden_states) - 1}, got {layer}.")
-    rows, positions, phrases = [], [], []
+    rows, positions, phrases, lengths = [], [], [], []  # per carrying position; per span
     for row, ids in enumerate(input_ids.tolist()):
         for start, end, last in phrase_spans(ids, tags):
             rows += [row] * (last - end + 1)
             positions += range(end, last + 1)
-            phrases += [ids[start:end]] * (last - end + 1)
+            phrases.append(ids[start:end])
+            lengths.append(last - end + 1)
     if not rows:
         return None
     weight = embeddings.detach()
-    targets = torch.stack([weight[phrase].sum(0) for phrase in phrases]).to(hidden_states[layer].dtype)
-    rows, positions = torch.tensor(rows, device=input_ids.device), torch.tensor(positions, device=input_ids.device)
+    device = input_ids.device
+    per_span = torch.stack([weight[phrase].sum(0) for phrase in phrases])
+    targets = per_span.repeat_interleave(torch.tensor(lengths, device=device), dim=0)
+    rows, positions = torch.tensor(rows, device=device), torch.tensor(positions, device=device)
     added = hidden_states[layer][rows, positions] - hidden_states[0][rows, positions]
     return (added.float() - targets.float()).pow(2).mean() / targets.float().pow(2).mean().clamp_min(1e-12)

@@ -53,7 +53,7 @@ class RecipeTrainer(Trainer):
         if phrase_carry_weight:
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             self._grounding_tags = GroundingTags.from_tokenizer(tokenizer)
-        self._phrase_carry_losses: list[float] = []  # since the last log
+        self._phrase_carry_losses: list[torch.Tensor] = []  # detached, since the last log (read there: no sync a step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`Trainer.compute_loss`; with `phrase_carry_weight`, plus that weight times the phrase-carry objective of
@@ -71,7 +71,7 @@ class RecipeTrainer(Trainer):
             self.phrase_carry_layer,
         )
         if carry is not None:
-            self._phrase_carry_losses.append(carry.item())
+            self._phrase_carry_losses.append(carry.detach())
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 # the LM loss is already a share of the accumulated batch's; this one is a mean over this batch
                 carry = carry / self.current_gradient_accumulation_steps
@@ -81,7 +81,7 @@ class RecipeTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """`Trainer.log`, with the mean phrase-carry objective since the last log (`phrase_carry_loss`)."""
         if self._phrase_carry_losses and "loss" in logs:
-            mean = sum(self._phrase_carry_losses) / len(self._phrase_carry_losses)
+            mean = torch.stack(self._phrase_carry_losses).mean().item()
             logs = {**logs, "phrase_carry_loss": round(mean, 4)}
             self._phrase_carry_losses.clear()
         super().log(logs, *args, **kwargs)
