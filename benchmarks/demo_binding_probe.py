@@ -39,12 +39,26 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, ".")
 from modeling_qwen_vl import QwenVLForConditionalGeneration  # noqa: E402
+from modeling_qwen_vl.modeling_qwen_vl import resize_grid_embedding  # noqa: E402
 from qwen_vl.demo import stage0, world  # noqa: E402
 
 
-def draw(model, count: int, seed: int):
-    """`count` scenes: image tokens [count, n_queries, hidden], shape targets [count, 4, 6], the named shape's
-    (colour, kind) [count, 2], its grounding text and the number of shapes."""
+def vit_patches(visual, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The ViT trunk's patch features [N, patches, width], before the adapter."""
+    patches = visual.conv1(pixel_values).flatten(2).transpose(1, 2)
+    hidden = patches + resize_grid_embedding(visual.positional_embedding, patches.shape[1])
+    return visual.transformer(visual.ln_pre(hidden))
+
+
+def adapter_tokens(visual, patches: torch.Tensor) -> torch.Tensor:
+    """The adapter's image tokens [N, n_queries, hidden] from the trunk's patch features."""
+    return visual.ln_post(visual.attn_pool(patches)) @ visual.proj
+
+
+def draw(model, count: int, seed: int, patches: bool = False):
+    """`count` scenes: image tokens [count, n_queries, hidden] (with `patches`, the ViT trunk's patch features
+    instead), shape targets [count, 4, 6], the named shape's (colour, kind) [count, 2], its grounding text and the
+    number of shapes."""
     rng = random.Random(seed)
     size = model.config.visual["image_size"]
     tokens, targets, named, texts, counts = [], [], [], [], []
@@ -59,7 +73,9 @@ def draw(model, count: int, seed: int):
             texts.append(scene.grounding(f"the {shape.colour} {shape.kind}", shape))
             counts.append(len(scene.shapes))
         with torch.no_grad():
-            tokens.append(model.get_image_features(torch.stack(pixels)))
+            pixels = torch.stack(pixels)
+            visual = model.transformer.visual
+            tokens.append(vit_patches(visual, pixels) if patches else model.get_image_features(pixels))
     return torch.cat(tokens), torch.stack(targets), torch.tensor(named), texts, torch.tensor(counts)
 
 
@@ -184,6 +200,8 @@ def lm_probe(
     hint_scale: float = 1.0,
     carry_target: str = "colour-kind",
     carry_center: bool = False,
+    align: float = 0.0,
+    align_temperature: float = 0.1,
 ):
     hidden, n_queries, start = model.config.hidden_size, model.config.visual["n_queries"], model.config.image_start_id
     symbols = SymbolicTokens(hidden, int(n_queries**0.5)) if tokens == "symbolic" else None
@@ -247,7 +265,13 @@ def lm_probe(
                 prompt[len(prompt) - trained :] + reply
             )
             answer[row, len(prompt) - 1 : len(prompt) + len(reply)] = 1
-        image = symbols(targets[index]) if symbolic else tokens[index]
+        if symbolic:
+            image = symbols(targets[index])
+        elif align:  # the adapter is trained: its tokens are computed from the frozen trunk's patch features
+            image = adapter_tokens(model.transformer.visual, tokens[index])
+            state["align_cells"] = stage0.patch_labels(targets[index], int(n_queries**0.5))[:2]
+        else:
+            image = tokens[index]
         state["image_tokens"] = image.flatten(0, 1)
         state["answer"] = answer[..., 0]
         if hint_words:  # the LM's own (trained) embeddings of the phrase's words, nothing learnt for the probe
@@ -265,6 +289,10 @@ def lm_probe(
     test_kind_lengths = [kind_length(text) for text in test[3]]
     for parameter in model.transformer.visual.parameters():
         parameter.requires_grad_(False)
+    if align:  # --align: the adapter learns too, its tokens pulled towards their shape's colour and kind words
+        for module in (model.transformer.visual.attn_pool, model.transformer.visual.ln_post):
+            module.requires_grad_(True)
+        model.transformer.visual.proj.requires_grad_(True)
     extra = [*hint_colour.parameters(), *hint_kind.parameters(), *(symbols.parameters() if symbolic else [])]
     extra += [*carry_colour.parameters(), *carry_kind.parameters()] if carry_loss and not carry_lens else []
     parameters = [p for p in model.parameters() if p.requires_grad] + extra
@@ -283,7 +311,9 @@ def lm_probe(
             colour, kind = (train[2][index][:, None].expand(-1, at_answer.shape[1], -1))[at_answer].unbind(-1)
             if carry_embed:  # what the blocks up to LAYER add there must be the sum of the phrase's word embeddings
                 pool = "mean" if carry_target == "phrase-mean" else "sum"
-                words = torch.stack([getattr(model.transformer.wte.weight[ids], pool)(0) for ids in phrase_ids]).detach()
+                words = torch.stack(
+                    [getattr(model.transformer.wte.weight[ids], pool)(0) for ids in phrase_ids]
+                ).detach()
                 added = outputs.hidden_states[layer][at_answer] - outputs.hidden_states[0][at_answer]
                 target = words[colour * len(stage0.KINDS) + kind]
                 if carry_center:  # only what tells the batch's phrases apart counts
@@ -295,6 +325,14 @@ def lm_probe(
             else:
                 carry = F.cross_entropy(carry_colour(states), colour) + F.cross_entropy(carry_kind(states), kind)
             loss = loss + weight * carry
+        if align:  # contrastive: each image token inside a shape against the 30 colour-kind word sums
+            kind, colour = state["align_cells"]
+            inside = kind > 0
+            words = torch.stack([model.transformer.wte.weight[ids].sum(0) for ids in phrase_ids]).detach()
+            image = state["image_tokens"].view(*kind.shape, -1)[inside]
+            logits = F.normalize(image, dim=-1) @ F.normalize(words, dim=-1).T / align_temperature
+            aligned = F.cross_entropy(logits, (colour[inside] - 1) * len(stage0.KINDS) + kind[inside] - 1)
+            loss = loss + align * aligned
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -322,7 +360,9 @@ def lm_probe(
             kind_by_count = {n: round(float(kinds[test[4].numpy() == n].mean()), 3) for n in (1, 2, 3, 4)}
             print(
                 f"step {step}: loss {loss.item():.3f}, four hundreds digits right by number of shapes {by_count}, "
-                f"the kind after the colour {kind_by_count}" + (f", carry {carry.item():.3f}" if carry_loss else ""),
+                f"the kind after the colour {kind_by_count}"
+                + (f", carry {carry.item():.3f}" if carry_loss else "")
+                + (f", align {aligned.item():.3f}" if align else ""),
                 flush=True,
             )
 
@@ -380,11 +420,20 @@ def main():
     )
     parser.add_argument("--hint-scale", type=float, default=1.0, help="--hint-words: multiply the hint by this")
     parser.add_argument("--hint-layer", type=int, default=0, help="--query-hint: add it after this block (0: input)")
+    parser.add_argument(
+        "--align",
+        type=float,
+        default=0.0,
+        help="--tokens image: train the adapter too, with this weight on a contrastive loss that pulls each image "
+        "token inside a shape towards the LM's embeddings of its colour and kind words (against the other 29 pairs)",
+    )
+    parser.add_argument("--align-temperature", type=float, default=0.1, help="--align: the softmax temperature")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = QwenVLForConditionalGeneration.from_pretrained(args.checkpoint).eval()
-    train, test = draw(model, args.train_scenes, 1), draw(model, 400, 2)
+    patches = bool(args.align)
+    train, test = draw(model, args.train_scenes, 1, patches), draw(model, 400, 2, patches)
     if args.reader == "cross-attention":
         cross_attention_probe(train, test, args.steps, args.lr)
     else:
@@ -410,6 +459,8 @@ def main():
             args.hint_scale,
             args.carry_target,
             args.carry_center,
+            args.align,
+            args.align_temperature,
         )
 
 
